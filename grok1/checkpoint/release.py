@@ -1,0 +1,228 @@
+"""The release checkpoint directory: parameter names, file order, shapes, and whole-directory io.
+
+A release checkpoint is `<dir>/ckpt-0/tensor{i:05d}_{p:03d}`, one file per parameter leaf
+(SPEC.md §3, §5), plus an optional `<dir>/config.json`. File `i` holds the i-th leaf in the
+lexicographic order of the Haiku paths, so layers run 0, 1, 10, 11, ..., 19, 2, 20, .... Each
+file's format and the reader's safety model are in `npy_format.py`; this module names and checks
+the files.
+
+Shapes (letters as in `grok1.config`): embedding [V, D]; per layer MoE `linear`/`linear_v`
+[E, D, F], `linear_1` [E, F, D]; attention `query` [D, H*Dh], `key`/`value` [D, K*Dh], `linear`
+[H*Dh, D]; four RMSNorm scales [D]; router [D, E]; final norm [D]. The seven matrices may be
+stored as `QuantizedWeight8bit` (int8 weight of that shape + bf16 scales) or as float32 arrays;
+everything else is float32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from grok1.checkpoint.npy_format import (
+    CheckpointError,
+    QuantizedWeight8bit,
+    TensorFile,
+    open_tensor,
+    read_tensor,
+    write_tensor,
+)
+from grok1.config import ModelConfig
+
+__all__ = [
+    "CheckpointError", "QuantizedWeight8bit", "TensorFile", "open_tensor", "read_tensor",
+    "write_tensor", "CKPT_SUBDIR", "EMBEDDING_PATH", "FINAL_NORM_PATH", "LAYER_SUFFIXES",
+    "MATRIX_SUFFIXES", "layer_order", "release_param_paths", "parse_release_path",
+    "release_shape", "is_matrix", "tensor_filename", "checkpoint_files", "check_leaf",
+    "write_checkpoint", "read_checkpoint",
+]  # fmt: skip
+
+CKPT_SUBDIR = "ckpt-0"
+EMBEDDING_PATH = "language_model/in_out_embed/embeddings"
+FINAL_NORM_PATH = "language_model/rms_norm/scale"
+LAYER_PREFIX = "transformer/decoder_layer_"
+# A layer's 12 leaves, in file order (lexicographic).
+LAYER_SUFFIXES = (
+    "moe/linear/w",
+    "moe/linear_1/w",
+    "moe/linear_v/w",
+    "multi_head_attention/key/w",
+    "multi_head_attention/linear/w",
+    "multi_head_attention/query/w",
+    "multi_head_attention/value/w",
+    "rms_norm/scale",
+    "rms_norm_1/scale",
+    "rms_norm_2/scale",
+    "rms_norm_3/scale",
+    "router/w",
+)
+MATRIX_SUFFIXES = LAYER_SUFFIXES[:7]  # int8 + scales in the release, or plain float32
+_LAYER_RE = re.compile(r"transformer/decoder_layer_(0|[1-9][0-9]*)/(.+)")
+
+
+def layer_order(num_layers: int) -> list[int]:
+    """Layer indices in file order: lexicographic by decimal name (0, 1, 10, 11, ..., 2, ...)."""
+    return sorted(range(num_layers), key=str)
+
+
+def release_param_paths(config: ModelConfig) -> list[str]:
+    """Leaf paths (without "params/") in file order: file i holds `release_param_paths(c)[i]`."""
+    paths = [EMBEDDING_PATH, FINAL_NORM_PATH]
+    for layer in layer_order(config.num_layers):
+        paths += [f"{LAYER_PREFIX}{layer}/{suffix}" for suffix in LAYER_SUFFIXES]
+    return paths
+
+
+def parse_release_path(path: str) -> tuple[int | None, str]:
+    """(layer, suffix) of a leaf path: (None, path) for the two top-level leaves."""
+    if path in (EMBEDDING_PATH, FINAL_NORM_PATH):
+        return None, path
+    match = _LAYER_RE.fullmatch(path)
+    if not match or match.group(2) not in LAYER_SUFFIXES:
+        raise CheckpointError(
+            f"{path!r} is not a release parameter path; expected {EMBEDDING_PATH}, "
+            f"{FINAL_NORM_PATH} or {LAYER_PREFIX}<N>/<one of {LAYER_SUFFIXES}>"
+        )
+    return int(match.group(1)), match.group(2)
+
+
+def is_matrix(suffix: str) -> bool:
+    """Whether a layer suffix (e.g. "moe/linear/w") names one of the seven weight matrices."""
+    return suffix in MATRIX_SUFFIXES
+
+
+def release_shape(config: ModelConfig, path: str) -> tuple[int, ...]:
+    """The full (unsharded) shape of a leaf; raises for a layer beyond `config.num_layers`."""
+    layer, suffix = parse_release_path(path)
+    if layer is not None and layer >= config.num_layers:
+        raise CheckpointError(f"{path}: layer {layer} but the config has {config.num_layers}")
+    d, f, e = config.emb_size, config.ffn_size, config.num_experts
+    hq, hk = config.num_q_heads * config.key_size, config.num_kv_heads * config.key_size
+    shapes = {
+        EMBEDDING_PATH: (config.vocab_size, d), FINAL_NORM_PATH: (d,),
+        "moe/linear/w": (e, d, f), "moe/linear_1/w": (e, f, d), "moe/linear_v/w": (e, d, f),
+        "multi_head_attention/key/w": (d, hk), "multi_head_attention/linear/w": (hq, d),
+        "multi_head_attention/query/w": (d, hq), "multi_head_attention/value/w": (d, hk),
+        "rms_norm/scale": (d,), "rms_norm_1/scale": (d,), "rms_norm_2/scale": (d,),
+        "rms_norm_3/scale": (d,), "router/w": (d, e),
+    }  # fmt: skip
+    return shapes[suffix]
+
+
+def tensor_filename(index: int, process: int = 0) -> str:
+    """The file name of leaf `index` written by host `process`: "tensor00042_000"."""
+    return f"tensor{index:05d}_{process:03d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking leaves against the config.
+# ---------------------------------------------------------------------------------------------
+def _describe(value) -> tuple:
+    """(kind, shape, dtype, scales_shape) of an ndarray, QuantizedWeight8bit or TensorFile."""
+    if isinstance(value, TensorFile):
+        return value.kind, value.shape, value.dtype, value.scales_shape
+    if isinstance(value, QuantizedWeight8bit):
+        value.validate()
+        return "quantized", value.weight.shape, value.weight.dtype, value.scales.shape
+    if isinstance(value, np.ndarray):
+        return "array", value.shape, value.dtype, None
+    return type(value).__name__, None, None, None
+
+
+def _found_text(kind, shape, dtype, scales_shape) -> str:
+    if kind == "quantized":
+        return f"QuantizedWeight8bit weight {dtype} {tuple(shape)} + scales {tuple(scales_shape)}"
+    if kind == "array":
+        return f"{dtype} array {tuple(shape)}"
+    return f"a {kind}"
+
+
+def check_leaf(config: ModelConfig, path: str, value, *, where: str = "") -> None:
+    """Raises `CheckpointError` unless `value` (ndarray, QuantizedWeight8bit or TensorFile) is a
+    valid leaf `path` for `config`. `where` (e.g. the file) prefixes the message."""
+    want, matrix = release_shape(config, path), is_matrix(parse_release_path(path)[1])
+    prefix = f"{where}: " if where else ""
+    try:
+        kind, shape, dtype, scales_shape = _describe(value)
+    except CheckpointError as e:
+        raise CheckpointError(f"{prefix}parameter {path}: {e}") from None
+    ok = kind == "array" and tuple(shape) == want and dtype == np.float32
+    if matrix and kind == "quantized":
+        ok = tuple(shape) == want  # dtypes and scale groups were checked by QuantizedWeight8bit
+    if not ok:
+        allowed = "float32"
+        if matrix:
+            allowed = "int8 QuantizedWeight8bit (bf16 scales, groups dividing dim -2) or float32"
+        found = _found_text(kind, shape, dtype, scales_shape)
+        raise CheckpointError(
+            f"{prefix}parameter {path}: expected {allowed} of shape {want}, "
+            f"found {found}. Does the config (config.json) match this checkpoint?"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole directories.
+# ---------------------------------------------------------------------------------------------
+def checkpoint_files(directory, config: ModelConfig) -> list[tuple[str, str]]:
+    """[(parameter path, file path)] in file order, after checking that `<directory>/ckpt-0`
+    holds exactly the expected `tensor*` files (other names are ignored)."""
+    ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory (expected <dir>/ckpt-0/)")
+    paths = release_param_paths(config)
+    expected = {tensor_filename(i): p for i, p in enumerate(paths)}
+    present = {n for n in os.listdir(ckpt) if n.startswith("tensor")}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(
+            f"{ckpt}: missing {len(missing)} file(s), first {missing[0]} (parameter "
+            f"{expected[missing[0]]}); a {config.num_layers}-layer config expects {len(paths)} "
+            f"files {tensor_filename(0)} .. {tensor_filename(len(paths) - 1)}"
+        )
+    extra = sorted(present - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{ckpt}: unexpected file(s) {extra[:5]}; a {config.num_layers}-layer config expects "
+            f"exactly {tensor_filename(0)} .. {tensor_filename(len(paths) - 1)}. Is config.json "
+            f"right for this checkpoint?"
+        )
+    return [(p, os.path.join(ckpt, tensor_filename(i))) for i, p in enumerate(paths)]
+
+
+def read_checkpoint(directory, config: ModelConfig) -> dict:
+    """Reads and checks every leaf: {release path: ndarray | QuantizedWeight8bit}.
+
+    Holds the whole model in memory; sharded loaders use `checkpoint_files` + `open_tensor`.
+    """
+    leaves = {}
+    for path, file in checkpoint_files(directory, config):
+        value = read_tensor(file)
+        check_leaf(config, path, value, where=file)
+        leaves[path] = value
+    return leaves
+
+
+def write_checkpoint(directory, config: ModelConfig, leaves: dict) -> None:
+    """Writes `<directory>/ckpt-0/tensorNNNNN_000` for every leaf, then `<directory>/config.json`.
+
+    All leaves are checked before anything is written; each file is written atomically.
+    """
+    paths = release_param_paths(config)
+    missing, extra = sorted(set(paths) - set(leaves)), sorted(set(leaves) - set(paths))
+    if missing or extra:
+        raise CheckpointError(
+            f"write_checkpoint: leaves do not match the {config.num_layers}-layer config: "
+            f"missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for i, path in enumerate(paths):
+        check_leaf(config, path, leaves[path], where=tensor_filename(i))
+    ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
+    os.makedirs(ckpt, exist_ok=True)
+    names = {tensor_filename(i) for i in range(len(paths))}
+    stale = sorted(n for n in os.listdir(ckpt) if n.startswith("tensor") and n not in names)
+    if stale:
+        raise CheckpointError(f"{ckpt}: holds other tensor files {stale[:5]}; use an empty dir")
+    for i, path in enumerate(paths):
+        write_tensor(os.path.join(ckpt, tensor_filename(i)), leaves[path])
+    config.save(os.fspath(directory))
