@@ -1,0 +1,91 @@
+"""Grouped-query attention with RoPE, the 30·tanh logit cap, and KV-cache writes.
+
+Shapes: B batch, T new tokens, S attended key slots, H query heads, K KV heads, G = H // K,
+Dh head size. Query head j = k * G + g reads KV head k (SPEC.md §1).
+"""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grok1 import layers
+from grok1.config import ModelConfig
+
+MASKED_LOGIT = -1e30
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: ModelConfig
+) -> jax.Array:
+    """Capped softmax attention. Rounds where the release rounds (SPEC.md §2).
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, T, S] bool (True = may attend).
+    Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
+    """
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    dtype = q.dtype
+    q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
+    s = layers.dot("btkgd,bskd->bkgts", q, k, dtype).astype(layers.F32)  # [B, K, G, T, S]
+    s = s * jnp.float32(config.attn_output_multiplier)
+    cap = jnp.float32(config.attn_logit_cap)
+    s = cap * jnp.tanh(s / cap)
+    s = jnp.where(mask[:, None, None, :, :], s, MASKED_LOGIT)
+    p = jax.nn.softmax(s, axis=-1).astype(dtype)
+    o = layers.dot("bkgts,bskd->btkgd", p, v, dtype)  # [B, T, K, G, Dh]
+    return o.reshape(b, t, h * dh)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array):
+    """Writes new keys or values into one layer of a stacked cache, in place under jit.
+
+    cache: [L, B, S, K, Dh]; new: [B, T, K, Dh]; layer: scalar int; positions: [B, T] slots.
+    Slots past the end of the cache are dropped (they only ever hold padding).
+    """
+    b, t = positions.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    layer_idx = jnp.broadcast_to(layer, (b, t))
+    return cache.at[layer_idx, rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+class Attention(hk.Module):
+    """The release's `multi_head_attention`: query/key/value/linear matrices, no biases."""
+
+    def __init__(self, config: ModelConfig, formats: dict, name: str = "attention"):
+        super().__init__(name=name)
+        self.config = config
+        self.formats = formats
+
+    def __call__(self, x, positions, mask, cache=None):
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
+
+        cache: None (keys are this call's tokens, S = T) or a tuple
+        (k_cache [L, B, Sc, K, Dh], v_cache, layer, kv_len) where kv_len is the static number of
+        leading slots to attend over (S = kv_len). Returns (out [B, T, D], (k_cache, v_cache)).
+        """
+        c = self.config
+        b, t, d = x.shape
+
+        def project(name, n_out):  # a closure, not a method: Haiku would add "~_method" scopes
+            w = layers.Matrix(d, n_out, self.formats[name], name=name)(x.dtype)
+            return layers.dot("btd,df->btf", x, w, x.dtype)
+
+        q = project("query", c.num_q_heads * c.key_size)
+        k = project("key", c.num_kv_heads * c.key_size)
+        v = project("value", c.num_kv_heads * c.key_size)
+        q = layers.rope(q.reshape(b, t, c.num_q_heads, c.key_size), positions, c.rope_base)
+        k = layers.rope(k.reshape(b, t, c.num_kv_heads, c.key_size), positions, c.rope_base)
+        v = v.reshape(b, t, c.num_kv_heads, c.key_size)
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache, layer, kv_len = cache
+            k_cache = write_cache(k_cache, k, layer, positions)
+            v_cache = write_cache(v_cache, v, layer, positions)
+            new_cache = (k_cache, v_cache)
+            k = k_cache[layer, :, :kv_len].astype(x.dtype)
+            v = v_cache[layer, :, :kv_len].astype(x.dtype)
+        o = attend(q, k, v, mask, c)
+        w_o = layers.Matrix(o.shape[-1], d, self.formats["linear"], name="linear")(x.dtype)
+        return layers.dot("btf,fd->btd", o, w_o, x.dtype), new_cache

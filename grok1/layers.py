@@ -1,0 +1,137 @@
+"""Numerical building blocks: RMSNorm, RoPE, int8 weights with grouped scales, and dots.
+
+Every function reproduces one rounding rule of the release (SPEC.md §2). Shape letters are those of
+`grok1.config`; `...` stands for leading axes such as [L] or [E].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """`scale * x / rms(x)` computed in float32 and cast back to x's dtype. x: [..., D]."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return (scale.astype(F32) * y).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding, half-split layout, computed in float32.
+
+    x: [B, T, N, Dh]; positions: [B, T] absolute positions (token index + cache offset).
+    """
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, dh // 2, dtype=F32) * 2.0 / dh))  # [Dh/2]
+    phase = positions.astype(F32)[:, :, None] * inv_freq  # [B, T, Dh/2]
+    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    xf = x.astype(F32)
+    rotated = jnp.concatenate([-xf[..., dh // 2 :], xf[..., : dh // 2]], axis=-1)
+    return (xf * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+
+
+def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
+    """An einsum accumulated in float32 and rounded once to `out_dtype`.
+
+    Float32 operands use full precision (no TF32 / bf16 passes on accelerators).
+    """
+    precision = jax.lax.Precision.HIGHEST if F32 in (a.dtype, b.dtype) else None
+    out = jnp.einsum(subscripts, a, b, preferred_element_type=F32, precision=precision)
+    return out.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixFormat:
+    """How one weight matrix is stored: int8 with `groups` scale groups, or plain float32.
+
+    Attributes:
+      groups: number of scale groups along the contracting (second to last) axis; None for a
+        plain float32 matrix.
+    """
+
+    groups: int | None = 1
+
+    @property
+    def quantized(self) -> bool:
+        return self.groups is not None
+
+
+def dequantize(weight: jax.Array, scales: jax.Array, dtype=BF16) -> jax.Array:
+    """`bf16(bf16(q) * scales)` with grouped scales, widened to `dtype`.
+
+    weight: [..., In, Out] int8; scales: [..., Gs, Out] bf16 with Gs dividing In. The product is
+    rounded to bfloat16 as in the release, so the result is exact whatever `dtype` is.
+    """
+    *lead, n_in, n_out = weight.shape
+    groups = scales.shape[-2]
+    if n_in % groups:
+        raise ValueError(f"{groups} scale groups do not divide the input dimension {n_in}")
+    w = weight.astype(BF16).reshape(*lead, groups, n_in // groups, n_out)
+    w = (w * scales.astype(BF16)[..., :, None, :]).astype(BF16)
+    return w.reshape(*lead, n_in, n_out).astype(dtype)
+
+
+def matrix(params: dict, dtype) -> jax.Array:
+    """The usable weight in `dtype` from a matrix leaf dict ({"w", "scales"} or {"w"})."""
+    if "scales" in params:
+        return dequantize(params["w"], params["scales"], dtype)
+    w = params["w"]
+    if dtype == BF16 or w.dtype == BF16:
+        w = w.astype(BF16)  # a plain float32 matrix acts as bf16(W) in bf16 mode
+    return w.astype(dtype)
+
+
+def compute_constant(value: float, dtype) -> jax.Array:
+    """A Python-float multiplier as the release applies it: rounded to the activation dtype."""
+    return jnp.asarray(value, dtype=dtype)
+
+
+class Matrix(hk.Module):
+    """A weight matrix parameter: {"w": int8, "scales": bf16} or {"w": float32}.
+
+    `lead` prepends axes such as [E] for stacked experts. Calling returns the weight in a dtype;
+    `params()` returns the raw leaves (to gather experts before dequantising them).
+    """
+
+    def __init__(self, n_in: int, n_out: int, fmt: MatrixFormat, lead=(), name=None):
+        super().__init__(name=name)
+        self.shape = (*lead, n_in, n_out)
+        self.fmt = fmt
+
+    def params(self) -> dict:
+        *lead, n_in, n_out = self.shape
+        if not self.fmt.quantized:
+            init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
+            return {"w": hk.get_parameter("w", self.shape, F32, init=init)}
+        w = hk.get_parameter("w", self.shape, jnp.int8, init=_int8_init)
+        scales_shape = (*lead, self.fmt.groups, n_out)
+        scales = hk.get_parameter("scales", scales_shape, BF16, init=_scale_init(n_in))
+        return {"w": w, "scales": scales}
+
+    def __call__(self, dtype) -> jax.Array:
+        return matrix(self.params(), dtype)
+
+
+# Random initialisation (tests, demos, benchmarks): int8 values of spread ~42 and scales that give
+# each output unit variance for unit-variance inputs.
+_INT8_STD = 42.0
+
+
+def _int8_init(shape, dtype):
+    x = jax.random.normal(hk.next_rng_key(), shape) * _INT8_STD
+    return jnp.clip(jnp.round(x), -127, 127).astype(dtype)
+
+
+def _scale_init(n_in: int):
+    def init(shape, dtype):  # shape [..., Gs, Out]
+        jitter = jax.random.uniform(hk.next_rng_key(), shape, minval=0.8, maxval=1.2)
+        return (jitter / (_INT8_STD * n_in**0.5)).astype(dtype)
+
+    return init
