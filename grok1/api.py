@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok1 import sharding
+from grok1.cache import CACHE_AXES, KVCache
 from grok1.checkpoint import loader, release
 from grok1.config import ModelConfig
-from grok1.model import DTYPES, Grok1
+from grok1.engine import Engine, Request
+from grok1.model import DTYPES, Grok1, param_table
+from grok1.sampling import SamplingParams
 
 
 def check_tokens(tokens, config: ModelConfig) -> np.ndarray:
@@ -48,12 +53,25 @@ def causal_mask(valid: jax.Array) -> jax.Array:
 class Model:
     """A loaded Grok-1: parameters on devices plus the compiled functions that use them."""
 
-    def __init__(self, grok: Grok1, params: dict, *, path: str | None = None, tokenizer=None):
+    def __init__(
+        self,
+        grok: Grok1,
+        params: dict,
+        *,
+        mesh=None,
+        path=None,
+        tokenizer=None,
+        max_bucket: int = 1024,
+    ):
         self.grok = grok
         self.config = grok.config
         self.params = params
+        self.mesh = mesh
         self.path = path
         self.tokenizer = tokenizer
+        self.engine = Engine(
+            grok, params, max_bucket=max_bucket, shardings=_CacheShardings(mesh, grok.config)
+        )
 
     @functools.cached_property
     def _forward(self):
@@ -83,14 +101,166 @@ class Model:
             valid = np.arange(toks.shape[1])[None, :] < lengths[:, None]
         return np.asarray(self._forward(self.params, jnp.asarray(toks), jnp.asarray(valid)))
 
+    # -- generation ---------------------------------------------------------------------------
+    def _requests(self, prompts, max_new_tokens, stop, stop_ids, ignore_eos, **sampling_kw):
+        seed = sampling_kw.pop("seed", 0)
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = self._encode(prompt)
+            seed_i = seed[i] if isinstance(seed, list | tuple) else seed
+            sp = SamplingParams(seed=seed_i, **sampling_kw)
+            out.append(
+                Request(
+                    tuple(ids),
+                    int(max_new_tokens),
+                    sp,
+                    tuple(stop_ids or ()),
+                    tuple(stop or ()),
+                    ignore_eos,
+                )
+            )
+        return out
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "a text prompt needs a tokenizer: load(..., tokenizer=PATH) or pass token ids"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token (or non-empty text)")
+        return ids
+
+    def _stop_check(self, requests):
+        if not any(r.stop_strings for r in requests):
+            return None
+        if self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+        def check(i, tokens):
+            stops = requests[i].stop_strings
+            for k in range(1, len(tokens) + 1):
+                if any(s in self.tokenizer.decode(tokens[:k]) for s in stops):
+                    return k - 1
+            return None
+
+        return check
+
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed=0,
+        stop=None,
+        stop_ids=None,
+        ignore_eos: bool = False,
+        max_batch: int = 8,
+        return_results: bool = False,
+    ):
+        """Continues each prompt; returns per prompt the new token ids (prompts given as id
+        lists) or the new text (prompts given as strings). Stops at EOS (unless `ignore_eos`),
+        `stop_ids`, `stop` strings or `max_new_tokens`; the stop itself is not returned."""
+        single = isinstance(prompts, str) or (
+            len(prompts) > 0 and isinstance(prompts[0], int | np.integer)
+        )
+        if single:
+            raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
+        reqs = self._requests(
+            prompts,
+            max_new_tokens,
+            stop,
+            stop_ids,
+            ignore_eos,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        results = [None] * len(reqs)
+        for i, _, result in self.engine.run(
+            reqs,
+            max_batch=max_batch,
+            stop_check=self._stop_check(reqs),
+            batch_multiple=self._data_size(),
+        ):
+            if result is not None:
+                results[i] = result
+        if return_results:
+            return results
+        return [self._output(p, r.tokens) for p, r in zip(prompts, results, strict=True)]
+
+    def stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator:
+        """Yields new token ids one by one (or text pieces, for a text prompt)."""
+        ignore_eos = kw.pop("ignore_eos", False)
+        stop, stop_ids = kw.pop("stop", None), kw.pop("stop_ids", None)
+        reqs = self._requests([prompt], max_new_tokens, stop, stop_ids, ignore_eos, **kw)
+        text = isinstance(prompt, str)
+        decoder = self.tokenizer.stream_decoder() if text else None
+        for _, new, _ in self.engine.run(
+            reqs, stream=True, stop_check=self._stop_check(reqs), batch_multiple=self._data_size()
+        ):
+            for tok in new:
+                if decoder is None:
+                    yield tok
+                else:
+                    piece = decoder.feed(tok)
+                    if piece:
+                        yield piece
+        if decoder is not None:
+            tail = decoder.flush()
+            if tail:
+                yield tail
+
+    def score(self, sequences) -> list[np.ndarray]:
+        """Per-token log-probabilities log p(x_t | x_<t), t >= 1, of each id sequence."""
+        return self.engine.score([self._encode(s) for s in sequences])
+
+    def _output(self, prompt, tokens):
+        return self.tokenizer.decode(tokens) if isinstance(prompt, str) else list(tokens)
+
+    def _data_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape["data"]
+
+
+class _CacheShardings:
+    """Shardings of the KV cache on the model's mesh (None: default placement)."""
+
+    def __init__(self, mesh, config: ModelConfig):
+        self.mesh, self.config = mesh, config
+
+    def cache(self, cache: KVCache):
+        if self.mesh is None:
+            return jax.tree.map(lambda _: None, cache)
+        rep = ("kv_heads",) if sharding.kv_replication(self.config, self.mesh) > 1 else ()
+        table = {
+            "k": (cache.k.shape, None, CACHE_AXES),
+            "v": (cache.v.shape, None, CACHE_AXES),
+            "lengths": (cache.lengths.shape, None, ("batch",)),
+        }
+        s = sharding.table_shardings(table, self.mesh, replicate=rep)
+        return KVCache(k=s["k"], v=s["v"], lengths=s["lengths"])
+
 
 def load(
     path: str,
     *,
+    mesh=None,
     dtype: str = "bfloat16",
     config: ModelConfig | None = None,
     moe_strategy: str = "auto",
     tokenizer=None,
+    max_bucket: int = 1024,
 ) -> Model:
     """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
 
@@ -100,6 +270,9 @@ def load(
       config: overrides the directory's config.
       moe_strategy: "auto", "gather" or "grouped" (see `grok1.moe`).
       tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model.
+      mesh: a `jax.sharding.Mesh` or a dict of axis sizes such as {"data": 1, "model": 8};
+        None keeps everything on the first device.
+      max_bucket: largest prefill chunk (a power of two); longer prompts are prefilled in chunks.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -109,7 +282,12 @@ def load(
             f"(put the release's ckpt-0/ under checkpoints/, or pass its parent directory)"
         )
     config = config or ModelConfig.load(path)
-    params, formats = loader.load_params(path, config, dtype=dtype)
+    shardings = None
+    if mesh is not None:
+        mesh = sharding.make_mesh(mesh)
+        sharding.check_mesh(config, mesh)
+        shardings = _param_shardings(path, config, mesh)
+    params, formats = loader.load_params(path, config, dtype=dtype, shardings=shardings)
     grok = Grok1(config, formats, dtype=dtype, moe_strategy=moe_strategy)
     if isinstance(tokenizer, str | os.PathLike):
         from grok1.tokenizer import Tokenizer
@@ -117,4 +295,33 @@ def load(
         tokenizer = Tokenizer.load(tokenizer)
     if tokenizer is not None:
         tokenizer.check_vocab(config.vocab_size)
-    return Model(grok, params, path=path, tokenizer=tokenizer)
+    return Model(grok, params, mesh=mesh, path=path, tokenizer=tokenizer, max_bucket=max_bucket)
+
+
+def _param_shardings(path, config, mesh):
+    """(module, leaf, shape) -> NamedSharding from the logical-axis rules."""
+    rep = ("kv_heads",) if sharding.kv_replication(config, mesh) > 1 else ()
+    cache: dict = {}
+
+    def get(module, leaf, shape):
+        key = (module, leaf)
+        if key not in cache:
+            axes = _LEAF_AXES(config)[key]
+            table = {key: (shape, None, axes)}
+            cache[key] = sharding.table_shardings(table, mesh, replicate=rep)[key]
+        return cache[key]
+
+    return get
+
+
+@functools.lru_cache(maxsize=8)
+def _LEAF_AXES(config: ModelConfig) -> dict:  # noqa: N802
+    """Logical axes of every leaf, for either storage of each matrix."""
+    from grok1.layers import MatrixFormat
+    from grok1.model import MATRICES, WeightFormats
+
+    out = {}
+    for fmt in (MatrixFormat(1), MatrixFormat(None)):
+        table = param_table(config, WeightFormats(**{m: fmt for m in MATRICES}))
+        out.update({k: v[2] for k, v in table.items()})
+    return out

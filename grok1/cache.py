@@ -1,0 +1,59 @@
+"""The KV cache: a small pytree, donated into every jitted step.
+
+Slot s of row b holds the key/value of that row's token at position s, so a row's first
+`lengths[b]` slots are its context and everything past them is masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from grok1.config import ModelConfig
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, Dh] keys after RoPE, activation dtype
+    v: jax.Array  # [L, B, S, K, Dh]
+    lengths: jax.Array  # [B] int32: tokens of context held per row
+
+    @classmethod
+    def shapes(cls, config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+        kv = (config.num_layers, batch, length, config.num_kv_heads, config.key_size)
+        return cls(
+            k=jax.ShapeDtypeStruct(kv, dtype),
+            v=jax.ShapeDtypeStruct(kv, dtype),
+            lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
+        )
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+        return jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), cls.shapes(config, batch, length, dtype)
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def attention_mask(self, positions: jax.Array, new_lengths: jax.Array, kv_len: int):
+        """[B, T, kv_len] mask: query at `positions` sees slots s <= its position that are
+        within the row's context after this step (`new_lengths`)."""
+        slots = jnp.arange(kv_len)[None, None, :]
+        return (slots <= positions[:, :, None]) & (slots < new_lengths[:, None, None])
+
+
+def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
+    """Copies a 1-row cache into row `slot` of a batch cache (jit with the batch cache donated)."""
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=1)
+    return KVCache(
+        k=put(cache.k, row.k),
+        v=put(cache.v, row.v),
+        lengths=jax.lax.dynamic_update_slice_in_dim(cache.lengths, row.lengths, slot, axis=0),
+    )

@@ -1,0 +1,135 @@
+"""Meshes and the one table from logical axes to mesh axes.
+
+Every parameter leaf names its dimensions with logical axes (`grok1.model.param_table`), and so do
+the KV cache and the main activations. `RULES` maps each logical axis to a mesh axis (or None,
+replicated). A leaf with an axis missing from the table, or a dimension that its mesh axis does not
+divide, is an error raised before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from grok1.config import ModelConfig
+
+AXES = ("data", "model")
+
+# logical axis -> mesh axis. Experts are split along F (every expert on every device): lowest
+# latency at decode. Attention heads and the vocabulary are split over "model".
+RULES: Mapping[str, str | None] = {
+    "batch": "data",
+    "vocab": "model",
+    "embed": None,
+    "norm": None,
+    "layers": None,
+    "q_heads": "model",
+    "kv_heads": "model",
+    "experts": None,
+    "expert_router": None,
+    "ffn": "model",
+    "groups": None,
+    "cache_seq": None,
+    "head_dim": None,
+}
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
+    """A ("data", "model") mesh.
+
+    spec: a Mesh (returned as is), a dict such as {"data": 1, "model": 8} (a missing axis gets
+    the remaining devices; -1 also means "the rest"), or None (all devices on "model").
+    """
+    if isinstance(spec, Mesh):
+        return spec
+    devices = list(jax.devices() if devices is None else devices)
+    spec = dict(spec or {"data": 1})
+    unknown = set(spec) - set(AXES)
+    if unknown:
+        raise ShardingError(f"unknown mesh axes {sorted(unknown)}; the axes are {AXES}")
+    sizes = {axis: int(spec.get(axis, -1)) for axis in AXES}
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if known <= 0 or len(devices) % known:
+        raise ShardingError(f"mesh {spec} does not fit {len(devices)} devices")
+    for axis in AXES:
+        if sizes[axis] == -1:
+            sizes[axis] = len(devices) // known
+            known *= sizes[axis]
+    total = int(np.prod(list(sizes.values())))
+    if total > len(devices):
+        raise ShardingError(
+            f"mesh {sizes} needs {total} devices but only {len(devices)} are available"
+        )
+    grid = np.array(devices[:total], dtype=object).reshape([sizes[a] for a in AXES])
+    return Mesh(grid, AXES)
+
+
+def spec_for(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, what: str) -> PartitionSpec:
+    """PartitionSpec of a leaf from its logical axes, checking divisibility."""
+    if len(axes) != len(shape):
+        raise ShardingError(f"{what}: {len(axes)} logical axes for shape {tuple(shape)}")
+    parts = []
+    for axis, dim in zip(axes, shape, strict=True):
+        if axis not in RULES:
+            raise ShardingError(f"{what}: no sharding rule for logical axis {axis!r}")
+        mesh_axis = RULES[axis]
+        if mesh_axis is not None and mesh.shape[mesh_axis] == 1:
+            mesh_axis = None
+        if mesh_axis is not None and dim % mesh.shape[mesh_axis]:
+            raise ShardingError(
+                f"{what}: dimension {axis!r} of size {dim} is not divisible by mesh axis "
+                f"{mesh_axis!r} of size {mesh.shape[mesh_axis]} (shape {tuple(shape)})"
+            )
+        parts.append(mesh_axis)
+    return PartitionSpec(*parts)
+
+
+def named(axes, shape, mesh: Mesh, what: str) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(axes, shape, mesh, what))
+
+
+def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
+    """Errors for meshes the model cannot use, with what to do instead."""
+    model = mesh.shape["model"]
+    if config.num_q_heads % model:
+        raise ShardingError(
+            f"the mesh's model axis ({model}) does not divide the {config.num_q_heads} query "
+            f"heads; choose a model axis among the divisors of {config.num_q_heads}"
+        )
+    kv = config.num_kv_heads
+    if kv % model and model % kv:
+        raise ShardingError(
+            f"the mesh's model axis ({model}) neither divides nor is a multiple of the {kv} KV "
+            f"heads"
+        )
+
+
+def kv_replication(config: ModelConfig, mesh: Mesh) -> int:
+    """How many copies of each KV head a model axis larger than the KV heads needs."""
+    model = mesh.shape["model"]
+    return model // config.num_kv_heads if model > config.num_kv_heads else 1
+
+
+def table_shardings(table: Mapping, mesh: Mesh, replicate: Sequence[str] = ()) -> dict:
+    """{key: NamedSharding} for a {key: (shape, dtype, logical axes)} table.
+
+    Logical axes in `replicate` are kept whole on every device (e.g. "kv_heads" when the model
+    axis exceeds the KV heads).
+    """
+    out = {}
+    for key, (shape, _, axes) in table.items():
+        axes = tuple(None if a in replicate else a for a in axes)
+        out[key] = NamedSharding(mesh, _spec_allowing_none(axes, shape, mesh, "/".join(key)))
+    return out
+
+
+def _spec_allowing_none(axes, shape, mesh, what) -> PartitionSpec:
+    named_axes = [a if a is not None else "layers" for a in axes]  # "layers" is replicated
+    return spec_for(named_axes, shape, mesh, what)
