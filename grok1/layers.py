@@ -63,25 +63,30 @@ class MatrixFormat:
         return self.groups is not None
 
 
-def dequantize(weight: jax.Array, scales: jax.Array, dtype=BF16) -> jax.Array:
-    """`bf16(bf16(q) * scales)` with grouped scales, widened to `dtype`.
+def dequantize(weight: jax.Array, scales: jax.Array, dtype=BF16, rounded=None) -> jax.Array:
+    """int8 weight times grouped scales, in `dtype`.
 
-    weight: [..., In, Out] int8; scales: [..., Gs, Out] bf16 with Gs dividing In. The product is
-    rounded to bfloat16 as in the release, so the result is exact whatever `dtype` is.
+    weight: [..., In, Out] int8; scales: [..., Gs, Out] bf16 with Gs dividing In. For bf16 the
+    product is rounded to bfloat16 as in the release (SPEC.md §4). For float32 it is kept exact:
+    that is what the release's compiled float32 run computes (XLA drops the intermediate bf16
+    rounding there; SPEC.md §2), and what its golden float32 logits show. `rounded` overrides
+    this (the bf16 model's float32 expert down-projection uses the rounded weight).
     """
     *lead, n_in, n_out = weight.shape
     groups = scales.shape[-2]
     if n_in % groups:
         raise ValueError(f"{groups} scale groups do not divide the input dimension {n_in}")
-    w = weight.astype(BF16).reshape(*lead, groups, n_in // groups, n_out)
-    w = (w * scales.astype(BF16)[..., :, None, :]).astype(BF16)
+    rounded = dtype != F32 if rounded is None else rounded
+    work = BF16 if rounded else F32
+    w = weight.astype(work).reshape(*lead, groups, n_in // groups, n_out)
+    w = w * scales.astype(work)[..., :, None, :]
     return w.reshape(*lead, n_in, n_out).astype(dtype)
 
 
-def matrix(params: dict, dtype) -> jax.Array:
+def matrix(params: dict, dtype, rounded=None) -> jax.Array:
     """The usable weight in `dtype` from a matrix leaf dict ({"w", "scales"} or {"w"})."""
     if "scales" in params:
-        return dequantize(params["w"], params["scales"], dtype)
+        return dequantize(params["w"], params["scales"], dtype, rounded)
     w = params["w"]
     if dtype == BF16 or w.dtype == BF16:
         w = w.astype(BF16)  # a plain float32 matrix acts as bf16(W) in bf16 mode

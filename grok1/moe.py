@@ -57,7 +57,7 @@ def experts_gather(z, idx, gate_p, up_p, down_p, dtype):
     take = lambda p: {name: leaf[idx] for name, leaf in p.items()}  # [N, k, ...]
     w_gate = layers.matrix(take(gate_p), dtype)  # [N, k, D, F]
     w_up = layers.matrix(take(up_p), dtype)
-    w_down = layers.matrix(take(down_p), F32)  # [N, k, F, D]
+    w_down = layers.matrix(take(down_p), F32, rounded=dtype == BF16)  # [N, k, F, D]
     g = layers.dot("nd,nkdf->nkf", z, w_gate, dtype)
     u = layers.dot("nd,nkdf->nkf", z, w_up, dtype)
     return layers.dot("nkf,nkfd->nkd", expert_hidden(u, g), w_down, F32)
@@ -79,7 +79,8 @@ def experts_grouped(z, idx, gate_p, up_p, down_p, dtype):
 
     g = rdot(xs, layers.matrix(gate_p, dtype), dtype)  # [N·k, F]
     u = rdot(xs, layers.matrix(up_p, dtype), dtype)
-    o = rdot(expert_hidden(u, g), layers.matrix(down_p, F32), F32)  # [N·k, D]
+    w_down = layers.matrix(down_p, F32, rounded=dtype == BF16)
+    o = rdot(expert_hidden(u, g), w_down, F32)  # [N·k, D]
     unsorted = jnp.zeros_like(o).at[order].set(o)
     return unsorted.reshape(n, k, -1)
 

@@ -1,0 +1,38 @@
+"""Shared fixtures: the golden cases made by the release code (tests/data/golden, SPEC.md §8)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
+CASES = sorted(d for d in os.listdir(GOLDEN_DIR) if os.path.isdir(os.path.join(GOLDEN_DIR, d)))
+
+
+def case_path(case: str) -> str:
+    return os.path.join(GOLDEN_DIR, case)
+
+
+def case_file(case: str, name: str):
+    path = os.path.join(GOLDEN_DIR, case, name)
+    return np.load(path) if os.path.exists(path) else None
+
+
+def prompts_of(case: str) -> list[list[int]]:
+    tokens, lengths = case_file(case, "tokens.npy"), case_file(case, "lengths.npy")
+    return [tokens[b, : lengths[b]].tolist() for b in range(len(lengths))]
+
+
+@functools.lru_cache(maxsize=None)
+def golden_model(case: str, dtype: str = "bfloat16"):
+    import grok1
+
+    return grok1.load(case_path(case), dtype=dtype)
+
+
+@pytest.fixture(params=CASES)
+def case(request) -> str:
+    return request.param
