@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 import numpy as np
 
@@ -102,6 +104,10 @@ def initialize(
         jax.config.update("jax_num_cpu_devices", int(local_device_count))
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     where = coordinator or "the coordinator detected from the cluster environment"
+    if coordinator is not None and process_id != 0:
+        # the runtime aborts the process (no Python error) when it cannot register in time;
+        # waiting here for the coordinator's port first gives a clear error instead
+        timeout_s = _wait_for_coordinator(coordinator, timeout_s, process_id, num_processes)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator,
@@ -126,6 +132,25 @@ def initialize(
             f"and listening on that address, that the port is reachable from this host, and "
             f"that every process got the same --num-processes and a distinct --process-id"
         ) from e
+
+
+def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id, num_processes) -> int:
+    """Waits until the coordinator accepts TCP connections; returns the seconds left."""
+    host, _, port = coordinator.rpartition(":")
+    host = host.strip("[]")
+    start = time.monotonic()
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return max(1, round(timeout_s - (time.monotonic() - start)))
+        except OSError as e:
+            if time.monotonic() - start >= timeout_s:
+                raise DistributedError(
+                    f"process {process_id} of {num_processes} could not reach the coordinator "
+                    f"{coordinator} within {timeout_s} s ({e}). Start process 0 (it listens "
+                    f"there), check the address and that the port is open from this host"
+                ) from None
+            time.sleep(0.25)
 
 
 def is_primary() -> bool:

@@ -27,6 +27,16 @@ from grok1.model import Grok1
 MIN_BUCKET = 16
 
 
+def to_host(x) -> np.ndarray:
+    """A jax.Array as a NumPy array; one spanning other processes' devices (multi-process
+    runs) is all-gathered, so every process must call this at the same point."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     """Smallest power of two >= n (at least `minimum`), at most `cap`."""
     b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
@@ -253,8 +263,8 @@ class Engine:
         state, _ = self._accept_jit(logits, state, sp)
         emitted = [0] * slots
         while True:
-            steps = np.asarray(state.steps)
-            active = np.asarray(state.active)
+            steps = to_host(state.steps)
+            active = to_host(state.active)
             out = None
             for slot, i in enumerate(owner):
                 if i < 0:
@@ -262,7 +272,7 @@ class Engine:
                 done = not active[slot]
                 if stream or done:
                     if out is None:
-                        out = np.asarray(state.out)
+                        out = to_host(state.out)
                     new = out[slot, emitted[slot] : steps[slot]].tolist()
                     emitted[slot] = int(steps[slot])
                     result = self._result(requests[i], state, slot) if done else None
@@ -283,11 +293,11 @@ class Engine:
                         state = self._admit(state, slot, requests[j], p_max)
                         state = self._accept_row(row_logits, state, sp, slot)
                         owner[slot], emitted[slot] = j, 0
-                        active = np.asarray(state.active)
+                        active = to_host(state.active)
             if not any(i >= 0 for i in owner):
                 return
             horizon = 1 if stream else n_max
-            kv_len = bucket(int(np.asarray(cache.lengths).max()) + horizon, self.capacity)
+            kv_len = bucket(int(to_host(cache.lengths).max()) + horizon, self.capacity)
             cache, state = self._decode(
                 self.params,
                 cache,
@@ -351,9 +361,9 @@ class Engine:
         return logits[0], self._insert(cache, row, jnp.int32(slot))
 
     def _result(self, r: Request, state, slot, keep=None) -> Result:
-        n = int(state.steps[slot])
-        toks = np.asarray(state.out[slot, :n]).tolist()
-        lps = np.asarray(state.logprobs[slot, :n]).tolist()
+        n = int(to_host(state.steps)[slot])
+        toks = to_host(state.out)[slot, :n].tolist()
+        lps = to_host(state.logprobs)[slot, :n].tolist()
         stops = set(r.stop_ids) | (set() if r.ignore_eos else {self.config.eos_token})
         if keep is not None:
             return Result(toks[:keep], lps[:keep], "stop")
@@ -409,5 +419,5 @@ class Engine:
                 kv_len=kv_len,
             )
             width = min(chunk, total - start)
-            out[:, start : start + width] = np.asarray(picked)[:, :width]
+            out[:, start : start + width] = to_host(picked)[:, :width]
         return [out[b, : lengths[b] - 1] for b in range(len(sequences))]
