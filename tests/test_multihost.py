@@ -212,6 +212,7 @@ def test_four_processes_model_axis_match_and_each_reads_its_share(tmp_path, jobs
     reads = [job.info(i)["read_bytes"] for i in range(4)]
     for i, n in enumerate(reads):
         assert job.info(i)["mesh"] == {"data": 1, "model": 4}
-        # the model-sharded matrices are ~all the bytes: a quarter each, plus replicated leaves
-        assert n < 0.4 * total, (i, n, total)
+        # the model-sharded matrices are ~all the bytes: a quarter each (measured 25.7%),
+        # plus the small replicated leaves (norms, router); the whole file would be 100%
+        assert n < 0.3 * total, (i, n, total)
     assert sum(reads) >= total  # together the processes read everything (some leaves twice)
