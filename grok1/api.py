@@ -142,10 +142,15 @@ class Model:
 
         def check(i, tokens):
             stops = requests[i].stop_strings
-            for k in range(1, len(tokens) + 1):
-                if any(s in self.tokenizer.decode(tokens[:k]) for s in stops):
-                    return k - 1
-            return None
+            text = self.tokenizer.decode(tokens)
+            found = [text.index(s) for s in stops if s in text]
+            if not found:
+                return None
+            start = min(found)  # keep the tokens whose text ends before the stop string
+            keep = len(tokens)
+            while keep > 0 and len(self.tokenizer.decode(tokens[:keep])) > start:
+                keep -= 1
+            return keep
 
         return check
 

@@ -270,19 +270,23 @@ class Engine:
                 if i < 0:
                     continue
                 done = not active[slot]
-                if stream or done:
-                    if out is None:
-                        out = to_host(state.out)
-                    new = out[slot, emitted[slot] : steps[slot]].tolist()
-                    emitted[slot] = int(steps[slot])
+                if not (stream or done or stop_check is not None):
+                    continue
+                if out is None:
+                    out = to_host(state.out)
+                n = int(steps[slot])
+                keep = None if stop_check is None else stop_check(i, out[slot, :n].tolist())
+                if keep is not None:  # a stop string: the result ends before it
+                    result = self._result(requests[i], state, slot, keep=keep)
+                    if not done:
+                        state = self._deactivate(state, slot)
+                    done = True
+                else:
                     result = self._result(requests[i], state, slot) if done else None
-                    if stop_check is not None and not done:
-                        keep = stop_check(i, out[slot, : steps[slot]].tolist())
-                        if keep is not None:
-                            result = self._result(requests[i], state, slot, keep=keep)
-                            new = new[: max(0, len(new) - (int(steps[slot]) - keep))]
-                            state = self._deactivate(state, slot)
-                            done = True
+                limit = len(result.tokens) if done else n
+                new = out[slot, emitted[slot] : limit].tolist()
+                emitted[slot] = max(emitted[slot], limit)
+                if stream or done:
                     yield i, new, result
                 if done:
                     owner[slot] = -1
@@ -296,7 +300,7 @@ class Engine:
                         active = to_host(state.active)
             if not any(i >= 0 for i in owner):
                 return
-            horizon = 1 if stream else n_max
+            horizon = 1 if stream or stop_check is not None else n_max
             kv_len = bucket(int(to_host(cache.lengths).max()) + horizon, self.capacity)
             cache, state = self._decode(
                 self.params,

@@ -26,7 +26,7 @@ def prompts_of(case: str) -> list[list[int]]:
     return [tokens[b, : lengths[b]].tolist() for b in range(len(lengths))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def golden_model(case: str, dtype: str = "bfloat16"):
     import grok1
 
