@@ -56,7 +56,7 @@ def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
         raise ShardingError(f"unknown mesh axes {sorted(unknown)}; the axes are {AXES}")
     sizes = {axis: int(spec.get(axis, -1)) for axis in AXES}
     known = int(np.prod([s for s in sizes.values() if s != -1]))
-    if known <= 0 or len(devices) % known:
+    if known <= 0 or (-1 in sizes.values() and len(devices) % known):
         raise ShardingError(f"mesh {spec} does not fit {len(devices)} devices")
     for axis in AXES:
         if sizes[axis] == -1:

@@ -1,0 +1,111 @@
+"""Per-module numerics against NumPy references written here, and the release name table."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from grok1 import attention, layers
+from grok1.checkpoint import loader, release
+from grok1.config import ModelConfig
+from grok1.model import Grok1, WeightFormats, param_table
+
+BF16 = ml_dtypes.bfloat16
+rng = np.random.default_rng(0)
+
+
+def test_rms_norm_matches_numpy():
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    scale = rng.normal(size=16).astype(np.float32)
+    want = scale * x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+    got = layers.rms_norm(jnp.asarray(x), jnp.asarray(scale), 1e-5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    got_bf16 = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(scale), 1e-5)
+    assert got_bf16.dtype == jnp.bfloat16
+
+
+def test_rope_half_split_at_an_offset():
+    x = rng.normal(size=(1, 3, 2, 8)).astype(np.float32)
+    positions = np.array([[5, 6, 7]])
+    inv = 1.0 / 10000 ** (np.arange(4) * 2 / 8)
+    phase = positions[..., None] * inv
+    phase = np.concatenate([phase, phase], -1)[:, :, None, :]
+    rot = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+    want = x * np.cos(phase) + rot * np.sin(phase)
+    got = layers.rope(jnp.asarray(x), jnp.asarray(positions), 10000.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_dequantisation_rounds_to_bf16():
+    w = rng.integers(-127, 128, size=(3, 8, 5)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, size=(3, 4, 5)).astype(BF16)
+    groups = np.repeat(scales.astype(np.float32), 2, axis=1)  # group g covers rows 2g, 2g+1
+    want = (w.astype(np.float32) * groups).astype(BF16)
+    got = layers.dequantize(jnp.asarray(w), jnp.asarray(scales), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got).astype(np.float32), want.astype(np.float32))
+
+
+def test_capped_gqa_attention_with_padding():
+    config = ModelConfig.tiny(num_q_heads=4, num_kv_heads=2, key_size=8, attn_output_multiplier=1)
+    b, t, h, k, dh = 2, 5, 4, 2, 8
+    q = rng.normal(size=(b, t, h, dh)).astype(np.float32) * 8  # large: the cap is active
+    kk = rng.normal(size=(b, t, k, dh)).astype(np.float32) * 8
+    v = rng.normal(size=(b, t, k, dh)).astype(np.float32)
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+    mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+    want = np.zeros((b, t, h, dh))
+    for bi in range(b):
+        for hi in range(h):
+            s = q[bi, :, hi] @ kk[bi, :, hi // 2].T
+            s = 30 * np.tanh(s / 30)
+            s = np.where(mask[bi], s, -1e30)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            want[bi, :, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, hi // 2]
+    got = attention.attend(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), jnp.asarray(mask),
+                           config)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got).reshape(b, t, h, dh), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(q[0] @ kk[0, :, 0].T).max() > 30  # the cap mattered
+
+
+def test_grok1_preset_has_the_770_release_parameters():
+    config = ModelConfig.grok1()
+    model = Grok1(config, WeightFormats.release(config))
+    shapes = model.param_shapes()
+    ours = {(m, leaf): (s.shape, s.dtype) for m, d in shapes.items() for leaf, s in d.items()}
+    assert ours == {k: (v[0], v[1]) for k, v in param_table(config, model.formats).items()}
+    paths = release.release_param_paths(config)
+    assert len(paths) == 770
+    n = 0
+    for path in paths:
+        layer, suffix = release.parse_release_path(path)
+        shape = release.release_shape(config, path)
+        if layer is None:
+            module, leaf = loader.GLOBALS[path]
+            assert ours[(module, leaf)][0] == shape
+        else:
+            module, leaf, _ = loader.MODULES[suffix]
+            assert ours[(module, leaf)][0] == (64, *shape)
+        n += int(np.prod(shape))
+    assert n == config.num_params()
+    assert 315e9 < n < 316e9
+
+
+def test_lexicographic_file_order_with_more_than_ten_layers():
+    paths = release.release_param_paths(ModelConfig.tiny(num_layers=12))
+    layer_of_file = [release.parse_release_path(p)[0] for p in paths[2::12]]
+    assert layer_of_file == [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_saved_params_load_back_identically(tmp_path):
+    import grok1
+
+    config = ModelConfig.tiny(num_layers=11)
+    g = Grok1(config, WeightFormats.release(config))
+    params = g.init(jax.random.PRNGKey(1))
+    loader.save_params(str(tmp_path), config, params)
+    back = grok1.load(str(tmp_path), dtype="float32").params
+    for module, leaves in params.items():
+        for leaf, value in leaves.items():
+            np.testing.assert_array_equal(np.asarray(back[module][leaf]), np.asarray(value))

@@ -1,0 +1,65 @@
+"""Every mesh gives the same tokens and logits (simulated CPU devices, in subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import case_file, case_path, prompts_of
+
+CASE = "case3_release_layout_8dev"  # 48 query / 8 KV heads
+SCRIPT = """
+import json, sys, numpy as np, grok1
+case, meshes = sys.argv[1], json.loads(sys.argv[2])
+t, l = np.load(case + '/tokens.npy'), np.load(case + '/lengths.npy')
+prompts = [t[b, : l[b]].tolist() for b in range(len(l))]
+out = {}
+for mesh in meshes:
+    try:
+        m = grok1.load(case, mesh=mesh)
+    except ValueError as e:
+        out[json.dumps(mesh)] = {"error": str(e)}
+        continue
+    out[json.dumps(mesh)] = {
+        "tokens": m.generate(prompts, 8, ignore_eos=True),
+        "logits": m.logits(t, l)[0, : l[0]].tolist(),
+    }
+print(json.dumps(out))
+"""
+
+
+def run_meshes(devices: int, meshes) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, case_path(CASE), json.dumps(meshes)],
+        env=env, capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_meshes_agree_on_tokens_and_logits():
+    meshes = [{"data": 1, "model": 1}, {"data": 1, "model": 2}, {"data": 1, "model": 8},
+              {"data": 2, "model": 4}, {"data": 8, "model": 1}]  # fmt: skip
+    results = run_meshes(8, meshes)
+    results.update(run_meshes(16, [{"data": 1, "model": 16}]))
+    expected = case_file(CASE, "greedy_runner.npy").tolist()
+    base = np.array(results[json.dumps(meshes[0])]["logits"])
+    for mesh, r in results.items():
+        assert "error" not in r, (mesh, r)
+        assert r["tokens"] == expected, mesh
+        assert np.abs(np.array(r["logits"]) - base).max() <= 0.25, mesh
+    assert len(prompts_of(CASE)) == 1
+
+
+def test_mesh_that_does_not_divide_heads_is_a_clear_error():
+    results = run_meshes(8, [{"data": 1, "model": 5}, {"data": 3, "model": 4}])
+    assert "does not divide the 48 query heads" in results['{"data": 1, "model": 5}']["error"]
+    assert "needs 12 devices but only 8" in results['{"data": 3, "model": 4}']["error"]
