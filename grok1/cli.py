@@ -1,0 +1,152 @@
+"""`python run.py`: sample text from Grok-1 (or the embedded demo model when no checkpoint is
+present). Prints the continuation (streamed on a terminal) or, with --json, one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_CHECKPOINT = "checkpoints"
+DEFAULT_TOKENIZER = "tokenizer.model"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="run.py", description=__doc__)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="directory holding ckpt-0/")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (tokenizer.model)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: read stdin if piped)")
+    p.add_argument("--prompt-tokens", default=None, help="prompt as token ids: 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="never stop at EOS (the release)")
+    p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=1,model=8")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they come (default: on a terminal)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--dry-run", action="store_true", help="memory plan only, no weights")
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true", help="detect a TPU pod / SLURM cluster")
+    return p.parse_args(argv)
+
+
+def parse_mesh(text: str | None) -> dict | None:
+    if not text:
+        return None
+    mesh = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise SystemExit(f"--mesh: expected NAME=SIZE[,NAME=SIZE], got {text!r}")
+        mesh[name.strip()] = int(value)
+    return mesh
+
+
+def resolve_model(args) -> tuple[str, str | None, bool]:
+    """(checkpoint dir, tokenizer path or None, is_demo)."""
+    from grok1 import demo
+
+    if os.path.isdir(os.path.join(args.checkpoint, "ckpt-0")):
+        tok = args.tokenizer or (DEFAULT_TOKENIZER if os.path.exists(DEFAULT_TOKENIZER) else None)
+        return args.checkpoint, tok, False
+    if args.checkpoint != DEFAULT_CHECKPOINT:
+        raise SystemExit(
+            f"error: no checkpoint at {args.checkpoint!r}: expected {args.checkpoint}/ckpt-0/ "
+            "(the release's tensorNNNNN_000 files)"
+        )
+    return demo.demo_path(), args.tokenizer or demo.tokenizer_path(), True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.distributed or args.coordinator or os.environ.get("GROK1_COORDINATOR"):
+        from grok1 import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import grok1
+    from grok1 import distributed
+
+    path, tok_path, is_demo = resolve_model(args)
+    if args.dry_run:
+        return dry_run(args, path)
+    if is_demo and not args.json:
+        print("[grok1] no checkpoint under checkpoints/: running the small embedded demo model. "
+              "For Grok-1, put the release's ckpt-0/ under checkpoints/ and tokenizer.model at "
+              "the top level (see README).", file=sys.stderr)  # fmt: skip
+    t0 = time.time()
+    model = grok1.load(path, mesh=parse_mesh(args.mesh), dtype=args.dtype, tokenizer=tok_path)
+    load_s = time.time() - t0
+    prompt = read_prompt(args, model)
+    if distributed.is_primary() is False:
+        prompt = None
+    prompt = distributed.broadcast_prompts(prompt)
+    kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+              ignore_eos=args.ignore_eos)  # fmt: skip
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    primary = distributed.is_primary()
+    t1 = time.time()
+    if stream and not args.json:
+        new = []
+        for piece in model.stream(prompt, args.max_new_tokens, **kw):
+            new.append(piece)
+            if primary:
+                print(piece if isinstance(piece, str) else f"{piece} ", end="", flush=True)
+        if primary:
+            print()
+        n_new = len(new) if not isinstance(prompt, str) else None
+    else:
+        result = model.generate([prompt], args.max_new_tokens, return_results=True, **kw)[0]
+        n_new = len(result.tokens)
+        text = model.tokenizer.decode(result.tokens) if model.tokenizer else None
+        gen_s = time.time() - t1
+        if primary and args.json:
+            print(json.dumps({"tokens": result.tokens, "text": text,
+                              "finish_reason": result.finish_reason, "load_s": round(load_s, 3),
+                              "generate_s": round(gen_s, 3), "demo": is_demo}))  # fmt: skip
+        elif primary:
+            print(text if text is not None else " ".join(map(str, result.tokens)))
+    if primary and not args.json and n_new:
+        dt = time.time() - t1
+        print(f"[grok1] {n_new} tokens in {dt:.2f}s ({n_new / dt:.1f} tok/s, compile included)",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def read_prompt(args, model):
+    if args.prompt_tokens:
+        try:
+            ids = [int(t) for t in args.prompt_tokens.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit(f"--prompt-tokens: expected ids like 1,2,3, got "
+                             f"{args.prompt_tokens!r}") from None  # fmt: skip
+        if not ids:
+            raise SystemExit("error: empty prompt")
+        return ids
+    text = args.prompt
+    if text is None:
+        text = "The for statement" if sys.stdin.isatty() else sys.stdin.read()
+    if not text.strip():
+        raise SystemExit("error: empty prompt: give --prompt TEXT or --prompt-tokens IDS")
+    if model.tokenizer is None:
+        raise SystemExit("error: a text prompt needs a tokenizer: put tokenizer.model at the top "
+                         "level or pass --tokenizer PATH (or use --prompt-tokens)")  # fmt: skip
+    return text
+
+
+def dry_run(args, path) -> int:
+    from grok1 import plan
+    from grok1.config import ModelConfig
+
+    config = ModelConfig.load(path) if os.path.isdir(path) else ModelConfig.grok1()
+    report = plan.dry_run(config, parse_mesh(args.mesh) or {"data": 1, "model": 1},
+                          dtype=args.dtype)  # fmt: skip
+    print(json.dumps(report, default=str, indent=1) if args.json else report)
+    return 0

@@ -1,0 +1,75 @@
+"""run.py: the golden checkpoint through the command line, and the errors newcomers hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from grok1 import cli
+from tests.conftest import case_file, case_path, prompts_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASE = "case1_gqa6to1_1dev_bs1"
+
+
+def test_run_py_json_returns_the_release_greedy_tokens():
+    ids = ",".join(map(str, prompts_of(CASE)[0]))
+    proc = subprocess.run(
+        [sys.executable, "run.py", "--checkpoint", case_path(CASE), "--prompt-tokens", ids,
+         "--max-new-tokens", "8", "--ignore-eos", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == case_file(CASE, "greedy_runner.npy")[0].tolist()
+
+
+def run_main(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    return str(e.value)
+
+
+def test_missing_checkpoint_says_where(capsys, tmp_path):
+    msg = run_main(capsys, "--checkpoint", str(tmp_path / "nope"), "--prompt-tokens", "1,2")
+    assert "no checkpoint" in msg and "ckpt-0" in msg
+
+
+def test_empty_prompt(capsys):
+    msg = run_main(capsys, "--checkpoint", case_path(CASE), "--prompt-tokens", ",")
+    assert "empty prompt" in msg
+
+
+def test_text_prompt_without_tokenizer(capsys):
+    msg = run_main(capsys, "--checkpoint", case_path(CASE), "--prompt", "hello")
+    assert "needs a tokenizer" in msg
+
+
+def test_prompt_longer_than_context():
+    ids = ",".join(["5"] * 70)  # the case's context is 64
+    with pytest.raises(ValueError, match="exceeds the context of 64 tokens"):
+        cli.main(["--checkpoint", case_path(CASE), "--prompt-tokens", ids, "--json"])
+
+
+def test_mesh_that_does_not_fit_the_devices():
+    with pytest.raises(ValueError, match="needs 8 devices but only 1"):
+        cli.main(["--checkpoint", case_path(CASE), "--prompt-tokens", "5,6", "--mesh",
+                  "data=1,model=8"])  # fmt: skip
+
+
+def test_tokenizer_vocab_mismatch(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"line {i} of some words here" for i in range(200)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "t"), vocab_size=40,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, minloglevel=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="512"):
+        cli.main(["--checkpoint", case_path(CASE), "--tokenizer", str(tmp_path / "t.model"),
+                  "--prompt", "line 3"])  # fmt: skip
