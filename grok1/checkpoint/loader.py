@@ -1,9 +1,16 @@
-"""From release files to model parameters, and back.
+"""From checkpoint files to model parameters, and back.
 
-`load_params` validates a release checkpoint against the config, then builds every (layer-stacked)
-parameter with `jax.make_array_from_callback`: each device's callback reads only the slice of
-each layer's file that the device keeps (`TensorFile.read_*` seeks to the bytes it needs), so a
-host materialises only its own shards and never the whole checkpoint. Leaves are read in parallel.
+`load_params` validates a checkpoint against the config (the release's `ckpt-0/` pickles, or the
+converted `.npy` files of `safe_format`), then builds every (layer-stacked) parameter with
+`jax.make_array_from_callback`: each device's callback reads only the slice of each layer's file
+that the device keeps (`TensorFile.read_*` seeks to the bytes it needs, `NpyTensor` copies them
+out of an mmap), and devices holding the same shard share one read, so a host materialises only
+its own shards and never the whole checkpoint. Leaves are read in parallel, largest first.
+
+Host memory. A small leaf's host slice is built whole ([L, ...] at once). A stacked leaf whose
+host bytes exceed `layerwise_bytes` (256 MiB by default; Grok-1's MoE leaves are ~100 GB) is
+placed one layer at a time into a pre-placed zeros array (`_build_layered`), so the host holds
+about one layer's slice per worker. Both paths give identical arrays.
 
 The table `MODULES` maps a release leaf suffix (SPEC.md §3) to the model's parameter
 (`grok1.model.param_table`); nothing else in the package knows the release's names.
@@ -12,19 +19,24 @@ The table `MODULES` maps a release leaf suffix (SPEC.md §3) to the model's para
 from __future__ import annotations
 
 import concurrent.futures
-import os
+import functools
+import math
+import threading
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from grok1 import layers
-from grok1.checkpoint import release
+from grok1.checkpoint import release, safe_format
 from grok1.config import ModelConfig
 from grok1.model import ATTN, MOE, STACK, WeightFormats, param_table
+from grok1.progress import Progress
 
 BF16_NP = np.dtype(ml_dtypes.bfloat16)
+LAYERWISE_BYTES = 256 << 20  # stacked leaves above this many host bytes are placed layer by layer
 
 # release suffix -> (module, leaf name, matrix name or None)
 MODULES = {
@@ -76,35 +88,158 @@ def _formats(config: ModelConfig, files: dict) -> WeightFormats:
     return WeightFormats(**found)
 
 
-class _LeafReader:
-    """Reads slices of one model leaf ([L, ...] stacked or global) from the release files."""
+def open_checkpoint(directory, config: ModelConfig) -> dict:
+    """{release path: TensorFile (or `safe_format.NpyTensor`)}, every leaf checked.
 
-    def __init__(self, files: dict, config: ModelConfig, module: str, leaf: str, dtype):
-        self.files, self.config, self.dtype = files, config, dtype
-        self.paths = None  # per-layer release paths, or a single global path
+    `directory` holds either the release's `ckpt-0/` or a converted `index.json`
+    (`grok1.checkpoint.safe_format`); the converted format wins when both are present.
+    """
+    if safe_format.is_converted(directory):
+        return safe_format.open_checkpoint(directory, config)
+    files = {}
+    for path, filename in release.checkpoint_files(directory, config):
+        try:
+            tf = release.open_tensor(filename)
+        except release.CheckpointError as e:
+            raise release.CheckpointError(f"parameter {path}: {e}") from None
+        release.check_leaf(config, path, tf, where=filename)
+        files[path] = tf
+    return files
+
+
+class _Cancelled(Exception):
+    """Internal: another leaf failed; stop reading."""
+
+
+class _LeafReader:
+    """Reads slices of one model leaf ([L, ...] stacked or global) from the checkpoint files.
+
+    `report(nbytes)` is called after each read; `stop` (a threading.Event) aborts reading.
+    """
+
+    def __init__(self, files: dict, config: ModelConfig, key: tuple, dtype, report, stop):
+        module, leaf = key
+        self.files, self.dtype, self.report, self.stop = files, dtype, report, stop
+        self.name = f"{module}/{leaf}"
         self.part = "scales" if leaf == "scales" else "weight"
-        for path, (mod, name) in GLOBALS.items():
-            if (mod, name) == (module, leaf):
-                self.paths = path
-        if self.paths is None:
+        self.paths = next((path for path, k in GLOBALS.items() if k == key), None)
+        if self.paths is None:  # per-layer release paths in numeric layer order
             suffix = next(s for s, (m, n, _) in MODULES.items() if m == module and n in (leaf, "w"))
             self.paths = [release_path(suffix, i) for i in range(config.num_layers)]
 
     def _read_one(self, path: str, index: tuple) -> np.ndarray:
+        if self.stop.is_set():
+            raise _Cancelled
         tf = self.files[path]
-        if tf.kind == "array":
-            out = tf.read(index)
-        elif self.dtype == np.float32 and self.part == "weight":
-            out = dequantize_np(release.read_tensor(tf.path))[index]  # mixed formats
-        else:
-            out = tf.read_part(self.part, index)
+        try:
+            if tf.kind == "array":
+                out = tf.read(index)
+            elif self.dtype == np.float32 and self.part == "weight":
+                out = dequantize_np(tf.read())[index]  # mixed formats across layers
+            else:
+                out = tf.read_part(self.part, index)
+        except (release.CheckpointError, OSError) as e:
+            raise release.CheckpointError(f"parameter {path} (model {self.name}): {e}") from None
         return out.astype(self.dtype, copy=False)
 
     def __call__(self, index: tuple) -> np.ndarray:
+        """`leaf[index]`; a stacked leaf's layers are read one by one into one buffer."""
         if isinstance(self.paths, str):
-            return self._read_one(self.paths, index)
-        layers_idx = range(len(self.paths))[index[0]]
-        return np.stack([self._read_one(self.paths[i], index[1:]) for i in layers_idx])
+            out = self._read_one(self.paths, index)
+        else:
+            rows, out = range(len(self.paths))[index[0]], None
+            for k, layer in enumerate(rows):
+                part = self._read_one(self.paths[layer], index[1:])
+                if out is None:
+                    out = np.empty((len(rows), *part.shape), part.dtype)
+                out[k] = part
+        self.report(out.nbytes)
+        return out
+
+    def layer(self, layer: int) -> Callable:
+        """A callback reading `leaf[layer][index]`."""
+
+        def read(index: tuple) -> np.ndarray:
+            out = self._read_one(self.paths[layer], index)
+            self.report(out.nbytes)
+            return out
+
+        return read
+
+
+def _index_key(index: tuple) -> tuple:
+    return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+
+
+def _once_per_index(read: Callable) -> Callable:
+    """JAX calls the callback once per device; devices holding the same shard share one read."""
+    cache: dict = {}
+
+    def cached(index: tuple) -> np.ndarray:
+        key = _index_key(index)
+        if key not in cache:
+            cache[key] = read(index)
+        return cache[key]
+
+    return cached
+
+
+def host_bytes(sharding: jax.sharding.Sharding, shape: tuple, itemsize: int) -> int:
+    """Bytes this host reads for a leaf: each distinct shard of its devices, once."""
+    indices = {_index_key(i) for i in sharding.addressable_devices_indices_map(shape).values()}
+    total = 0
+    for key in indices:
+        sizes = [len(range(*slice(*k).indices(n))) for k, n in zip(key, shape, strict=True)]
+        total += math.prod(sizes) * itemsize
+    return total
+
+
+def _layer_sharding(sharding: jax.sharding.Sharding, ndim: int):
+    """The sharding of one layer of a stacked [L, ...] leaf; None if L itself is split."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        if spec[0] is None:
+            return jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]),
+                memory_kind=sharding.memory_kind,
+            )  # fmt: skip
+    return None
+
+
+def _set_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer, index, 0)
+
+
+def _build_layered(shape, dtype, sharding, layer_sharding, reader: _LeafReader) -> jax.Array:
+    """A stacked leaf placed one layer at a time: each layer becomes a sharded array, then is
+    written in place (donated) into a zeros array created with the target sharding. The host
+    holds one layer's slices of this leaf at a time."""
+    stacked = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+    set_layer = jax.jit(_set_layer, donate_argnums=0, out_shardings=sharding)
+    for i in range(shape[0]):
+        read = _once_per_index(reader.layer(i))
+        layer = jax.make_array_from_callback(shape[1:], layer_sharding, read)
+        stacked = set_layer(stacked, layer, i)
+        del layer, read
+        stacked.block_until_ready()  # bounds the layers in flight to one
+    return stacked
+
+
+def _reporter(progress, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """(report(nbytes), finish()) for `progress`: None/False, True, a Progress or a callable."""
+    if progress is None or progress is False:
+        return (lambda n: None), (lambda: None)
+    if progress is True:
+        progress = Progress(total)
+    if isinstance(progress, Progress):
+        if progress.total is None:
+            progress.total = total
+        return progress.update, progress.close
+    if not callable(progress):
+        raise TypeError(f"progress must be a callable, a Progress or a bool, got {progress!r}")
+    return progress, (lambda: None)
 
 
 def load_params(
@@ -114,49 +249,71 @@ def load_params(
     dtype: str = "bfloat16",
     shardings: Callable | None = None,
     max_workers: int = 8,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | Progress | bool | None = None,
+    layerwise_bytes: int = LAYERWISE_BYTES,
 ) -> tuple[dict, WeightFormats]:
-    """Reads, validates and places a release checkpoint.
+    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted `index.json`).
 
     Args:
-      directory: holds `ckpt-0/`.
+      directory: holds `ckpt-0/` (release) or `index.json` (`safe_format.convert`).
       config: the architecture the files must match.
       dtype: activation dtype; in "bfloat16" mode the embedding is kept as bf16 (the model only
         ever uses bf16(Emb)), halving its memory.
       shardings: `(module, leaf, shape) -> jax.sharding.Sharding`; default: the first device.
-      progress: called with the number of bytes each finished leaf held on this host.
-    Returns: (params, formats).
+      max_workers: leaves read in parallel.
+      progress: a callable, called with the bytes of each slice read (they sum to the bytes this
+        host reads, each distinct shard once); or a `grok1.progress.Progress` (its total is set
+        if unset, and it is closed at the end); or True for a fresh Progress on stderr.
+      layerwise_bytes: a stacked leaf whose host bytes exceed this is placed one layer at a
+        time (`_build_layered`), bounding host memory to one layer's slice per worker.
+    Returns: (params, formats). Raises `CheckpointError` naming the file and the parameter on a
+    missing, truncated or mismatched file; nothing is returned then.
     """
-    ckpt = os.path.join(directory, release.CKPT_SUBDIR)
-    files = {}
-    for path, filename in release.checkpoint_files(directory, config):
-        tf = release.open_tensor(filename)
-        release.check_leaf(config, path, tf, where=filename)
-        files[path] = tf
+    files = open_checkpoint(directory, config)
     formats = _formats(config, files)
     table = param_table(config, formats)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = lambda module, leaf, shape: device  # noqa: E731
-
-    def build(key):
-        module, leaf = key
-        shape, leaf_dtype, _ = table[key]
+    plans = {}
+    for key, (shape, leaf_dtype, _) in table.items():
         np_dtype = BF16_NP if leaf_dtype == layers.BF16 else np.dtype(leaf_dtype)
         if key == ("grok1/embed", "embeddings") and dtype == "bfloat16":
             np_dtype = BF16_NP
-        reader = _LeafReader(files, config, module, leaf, np_dtype)
-        arr = jax.make_array_from_callback(shape, shardings(module, leaf, shape), reader)
-        if progress is not None:
-            progress(sum(s.data.nbytes for s in arr.addressable_shards))
-        return key, arr
+        sharding = shardings(*key, shape)
+        plans[key] = (shape, np_dtype, sharding, host_bytes(sharding, shape, np_dtype.itemsize))
+    report, finish = _reporter(progress, sum(p[3] for p in plans.values()))
+    stop = threading.Event()
 
+    def build(key):
+        shape, np_dtype, sharding, nbytes = plans[key]
+        reader = _LeafReader(files, config, key, np_dtype, report, stop)
+        layered = _layer_sharding(sharding, len(shape)) if key[0].startswith(STACK) else None
+        if layered is not None and nbytes > layerwise_bytes:
+            return _build_layered(shape, np_dtype, sharding, layered, reader)
+        return jax.make_array_from_callback(shape, sharding, _once_per_index(reader))
+
+    try:
+        built = _run_all(build, sorted(plans, key=lambda k: -plans[k][3]), max_workers, stop)
+    finally:
+        finish()
     params: dict = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        for (module, leaf), arr in pool.map(build, table):
-            params.setdefault(module, {})[leaf] = arr
-    del ckpt
+    for module, leaf in table:
+        params.setdefault(module, {})[leaf] = built[(module, leaf)]
     return params, formats
+
+
+def _run_all(fn: Callable, keys: list, max_workers: int, stop: threading.Event) -> dict:
+    """{key: fn(key)} on a thread pool; the first error cancels the rest and is raised."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        futures = {pool.submit(fn, key): key for key in keys}
+        try:
+            return {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}
+        except BaseException:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def params_to_release(params: dict, config: ModelConfig) -> dict:

@@ -1,0 +1,364 @@
+"""Tests of checkpoint loading: release and converted formats, the layer-by-layer path, sharded
+reads on a simulated 8-device mesh, errors, and progress.
+
+References are independent of the loader: the release files read whole with `read_checkpoint`
+and stacked in NumPy here, and a single-device load for the sharded runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from grok1.checkpoint import loader, safe_format
+from grok1.checkpoint.npy_format import TensorFile
+from grok1.checkpoint.release import (
+    CheckpointError,
+    QuantizedWeight8bit,
+    read_checkpoint,
+    release_param_paths,
+    tensor_filename,
+    write_tensor,
+)
+from grok1.config import ModelConfig
+from grok1.model import param_table
+from grok1.progress import Progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "data", "golden")
+CASES = sorted(c for c in os.listdir(GOLDEN) if os.path.isdir(os.path.join(GOLDEN, c, "ckpt-0")))
+CASE = os.path.join(GOLDEN, "case1_gqa6to1_1dev_bs1")
+
+
+def as_numpy(params: dict) -> dict:
+    return {(m, k): np.asarray(v) for m, leaves in params.items() for k, v in leaves.items()}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
+        assert x.tobytes() == y.tobytes(), f"{key} differs"
+
+
+def reference(case: str, config: ModelConfig) -> dict:
+    """Every model leaf built in NumPy from the whole release files (float32 mode)."""
+    leaves = read_checkpoint(case, config)
+    out = {key: leaves[path] for path, key in loader.GLOBALS.items()}
+    for suffix, (module, leaf, _) in loader.MODULES.items():
+        values = [leaves[loader.release_path(suffix, i)] for i in range(config.num_layers)]
+        if isinstance(values[0], QuantizedWeight8bit):
+            out[(module, "scales")] = np.stack([v.scales for v in values])
+            values = [v.weight for v in values]
+        out[(module, leaf)] = np.stack(values)
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict:
+    """Each golden case converted once: {case name: converted dir}."""
+    root = tmp_path_factory.mktemp("converted")
+    return {case: safe_format.convert(os.path.join(GOLDEN, case), root / case) for case in CASES}
+
+
+def copy_case(case: str, dest) -> str:
+    shutil.copytree(case, dest, ignore=shutil.ignore_patterns("*.npy", "*.md", "*json"))
+    shutil.copyfile(os.path.join(case, "config.json"), os.path.join(dest, "config.json"))
+    return str(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Release and converted formats, small and layer-by-layer paths: all bitwise equal.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_release_and_converted_load_identically(case, converted):
+    path = os.path.join(GOLDEN, case)
+    config = ModelConfig.load(path)
+    release_params, formats = loader.load_params(path, config, dtype="float32")
+    want = reference(path, config)
+    assert_identical(as_numpy(release_params), want)
+    conv_params, conv_formats = loader.load_params(converted[case], config, dtype="float32")
+    assert conv_formats == formats
+    assert_identical(as_numpy(conv_params), want)
+    bf16 = [loader.load_params(d, config)[0] for d in (path, converted[case])]
+    assert_identical(*map(as_numpy, bf16))
+
+
+@pytest.mark.parametrize("source", ["release", "converted"])
+def test_layer_by_layer_equals_whole_leaf(source, converted):
+    case = "case4_12layers"
+    path = os.path.join(GOLDEN, case) if source == "release" else converted[case]
+    config = ModelConfig.load(path)
+    whole, _ = loader.load_params(path, config, layerwise_bytes=1 << 40)
+    layered, _ = loader.load_params(path, config, layerwise_bytes=0, max_workers=3)
+    assert_identical(as_numpy(whole), as_numpy(layered))
+
+
+def test_converted_index_and_files(converted):
+    directory = converted["case1_gqa6to1_1dev_bs1"]
+    config = ModelConfig.load(directory)
+    assert config == ModelConfig.load(CASE)
+    with open(os.path.join(directory, safe_format.INDEX_FILE)) as f:
+        index = json.load(f)
+    assert (index["format"], index["version"]) == (safe_format.FORMAT, safe_format.VERSION)
+    assert list(index["tensors"]) == release_param_paths(config)
+    query = index["tensors"]["transformer/decoder_layer_0/multi_head_attention/query/w"]
+    assert query["kind"] == "quantized"
+    scales = query["parts"]["scales"]
+    assert (scales["dtype"], np.dtype(scales["stored_as"])) == ("bfloat16", np.uint16)
+    stored = np.load(os.path.join(directory, scales["file"]), allow_pickle=False)
+    assert stored.dtype == np.uint16 and list(stored.shape) == scales["shape"]
+    names = {p["file"] for t in index["tensors"].values() for p in t["parts"].values()}
+    assert names | {"index.json", "config.json"} == set(os.listdir(directory))
+
+
+def test_convert_is_atomic(tmp_path, monkeypatch):
+    calls = []
+    real = safe_format._write_npy
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(safe_format, "_write_npy", failing)
+    with pytest.raises(OSError, match="disk full"):
+        safe_format.convert(CASE, tmp_path / "out")
+    assert os.listdir(tmp_path) == []  # neither out nor the temporary directory
+    monkeypatch.setattr(safe_format, "_write_npy", real)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    with pytest.raises(CheckpointError, match="already exists"):
+        safe_format.convert(CASE, tmp_path / "taken")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the file and the parameter.
+# ---------------------------------------------------------------------------------------------
+def release_error(tmp_path, index: int, damage) -> tuple[str, str, str]:
+    directory = copy_case(CASE, tmp_path / "ckpt")
+    config = ModelConfig.load(directory)
+    file = os.path.join(directory, "ckpt-0", tensor_filename(index))
+    damage(file)
+    with pytest.raises(CheckpointError) as info:
+        loader.load_params(directory, config)
+    return str(info.value), tensor_filename(index), release_param_paths(config)[index]
+
+
+def truncate(file: str) -> None:
+    os.truncate(file, os.path.getsize(file) // 2)
+
+
+@pytest.mark.parametrize(
+    "index, damage",
+    [
+        (5, truncate),
+        (13, lambda f: write_tensor(f, np.zeros((3, 3), np.float32))),
+        (7, os.remove),
+    ],
+    ids=["truncated", "wrong_shape", "missing"],
+)
+def test_release_errors_name_file_and_parameter(tmp_path, index, damage):
+    message, file, param = release_error(tmp_path, index, damage)
+    assert file in message and param in message, message
+
+
+def converted_error(directory: str, index: int, part: str, damage) -> tuple[str, str, str]:
+    config = ModelConfig.load(directory)
+    suffix = "" if part == "array" else f".{part}"
+    file = os.path.join(directory, f"t{index:05d}{suffix}.npy")
+    damage(file)
+    with pytest.raises(CheckpointError) as info:
+        loader.load_params(directory, config)
+    return str(info.value), os.path.basename(file), release_param_paths(config)[index]
+
+
+@pytest.mark.parametrize(
+    "index, part, damage",
+    [
+        (5, "weight", truncate),
+        (1, "array", lambda f: np.save(f, np.zeros(7, np.float32))),
+        (6, "scales", os.remove),
+        (0, "array", lambda f: np.save(f, np.array([{}], object), allow_pickle=True)),
+    ],
+    ids=["truncated", "wrong_shape", "missing", "pickled"],
+)
+def test_converted_errors_name_file_and_parameter(tmp_path, index, part, damage):
+    directory = safe_format.convert(CASE, tmp_path / "conv")
+    message, file, param = converted_error(directory, index, part, damage)
+    assert file in message and param in message, message
+
+
+def test_converted_index_refuses_paths_outside(tmp_path):
+    directory = safe_format.convert(CASE, tmp_path / "conv")
+    index_file = os.path.join(directory, safe_format.INDEX_FILE)
+    with open(index_file) as f:
+        index = json.load(f)
+    index["tensors"][release_param_paths(ModelConfig.load(CASE))[1]]["parts"]["array"]["file"] = (
+        "../elsewhere.npy"
+    )
+    with open(index_file, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        loader.load_params(directory, ModelConfig.load(CASE))
+
+
+def test_failure_during_reads_stops_the_load(tmp_path, monkeypatch):
+    """A file that goes bad after opening fails the load with its name; no hang, no params."""
+    directory = safe_format.convert(CASE, tmp_path / "conv")
+    victim = os.path.join(directory, "t00002.weight.npy")
+    real = safe_format.NpyTensor.read_part
+
+    def read_part(self, part, index=None):
+        if self._parts[part][0] == victim:
+            truncate(victim)
+        return real(self, part, index)
+
+    monkeypatch.setattr(safe_format.NpyTensor, "read_part", read_part)
+    config = ModelConfig.load(directory)
+    with pytest.raises(CheckpointError, match="t00002.weight.npy") as info:
+        loader.load_params(directory, config, layerwise_bytes=0)
+    assert release_param_paths(config)[2] in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress.
+# ---------------------------------------------------------------------------------------------
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_callable_sums_to_total_bytes():
+    config = ModelConfig.load(CASE)
+    seen: list[int] = []
+    params, _ = loader.load_params(CASE, config, progress=seen.append, layerwise_bytes=50_000)
+    assert len(seen) > len(as_numpy(params))  # per read, not per leaf
+    assert sum(seen) == sum(a.nbytes for a in as_numpy(params).values())
+
+
+def test_progress_meter_output():
+    config = ModelConfig.load(CASE)
+    term = FakeTerminal()
+    meter = Progress(stream=term, interval=0.0)
+    params, _ = loader.load_params(CASE, config, progress=meter)
+    assert meter.closed and meter.done == meter.total == sum(
+        a.nbytes for a in as_numpy(params).values()
+    )
+    text = term.getvalue()
+    assert text.startswith("\rloading") and "GB/s" in text and "100%" in text
+    assert text.endswith("\n") and text.count("\n") == 1
+    quiet, summary = io.StringIO(), io.StringIO()
+    for stream, want in ((quiet, False), (summary, True)):
+        with Progress(10**9, stream=stream, summary=want, label="x") as p:
+            p.update(5 * 10**8)
+    assert quiet.getvalue() == ""
+    assert (
+        summary.getvalue().startswith("x  0.50/1.00 GB   50%")
+        and summary.getvalue().count("\n") == 1
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded reads on 8 simulated devices (in a subprocess: the device count is fixed at start).
+# ---------------------------------------------------------------------------------------------
+RULES = {"ffn": "model", "q_heads": "model", "kv_heads": "model", "vocab": "data"}
+
+
+def _normalize(index, shape) -> tuple:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)).indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _expected_reads(arr, key, config, files) -> list:
+    """(file, part, index) each leaf should read: each distinct device shard once, per layer."""
+    unique = {
+        _normalize(i, arr.shape) for i in arr.sharding.devices_indices_map(arr.shape).values()
+    }
+    glob_path = next((p for p, k in loader.GLOBALS.items() if k == key), None)
+    if glob_path is not None:
+        return [(files[glob_path], "array", norm) for norm in unique]
+    suffix, matrix = next(
+        (s, mat) for s, (m, n, mat) in loader.MODULES.items() if m == key[0] and n in (key[1], "w")
+    )
+    part = "scales" if key[1] == "scales" else "weight" if matrix else "array"
+    return [
+        (files[loader.release_path(suffix, layer)], part, norm[1:])
+        for norm in unique
+        for layer in range(*norm[0])
+    ]
+
+
+def _sharded_child(case: str) -> None:
+    """Loads `case` on a (2, 4) mesh, twice (whole-leaf and layer-by-layer), recording reads."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    assert jax.device_count() == 8
+    config = ModelConfig.load(case)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    single, formats = loader.load_params(case, config, dtype="float32")
+    single = as_numpy(single)
+    table = param_table(config, formats)
+    files = {p: os.path.join(case, "ckpt-0", tensor_filename(i))
+             for i, p in enumerate(release_param_paths(config))}  # fmt: skip
+
+    def shardings(module, leaf, shape):
+        axes = table[(module, leaf)][2]
+        return NamedSharding(mesh, PartitionSpec(*[RULES.get(a) for a in axes]))
+
+    reads = []
+    real = TensorFile.read_part
+
+    def recording(self, part, index=None):
+        out = real(self, part, index)
+        shape = self.scales_shape if part == "scales" else self.shape
+        reads.append((self.path, part, _normalize(index or (), shape), out.nbytes))
+        return out
+
+    TensorFile.read_part = recording
+    for layerwise in (1 << 40, 0):
+        reads.clear()
+        params, _ = loader.load_params(
+            case, config, dtype="float32", shardings=shardings, layerwise_bytes=layerwise
+        )
+        expected, kept = [], 0
+        for (module, leaf), arr in ((k, params[k[0]][k[1]]) for k in table):
+            assert arr.sharding == shardings(module, leaf, arr.shape)
+            expected += _expected_reads(arr, (module, leaf), config, files)
+            kept += sum({_normalize(s.index, arr.shape): s.data.nbytes
+                         for s in arr.addressable_shards}.values())  # fmt: skip
+        # each callback read its own devices' slices, each distinct shard once
+        assert sorted(r[:3] for r in reads) == sorted(expected)
+        requested = sum(r[3] for r in reads)
+        file_bytes = sum(a.nbytes for a in single.values())
+        assert requested == kept == file_bytes, (requested, kept, file_bytes)  # not 2x, not 8x
+        moe_up = [r for r in reads if r[0] == files[loader.release_path("moe/linear_v/w", 0)]]
+        assert (
+            sum(r[3] for r in moe_up if r[1] == "weight")
+            == single[(f"{loader.MOE}/up", "w")][0].nbytes
+        )  # 4 distinct F-slices, each read once though 2 devices keep it
+        assert_identical(as_numpy(params), single)
+    print("SHARDED-OK", requested, file_bytes)
+
+
+def test_sharded_load_reads_only_own_slices():
+    case = os.path.join(GOLDEN, "case3_release_layout_8dev")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    code = f"from tests.test_loader import _sharded_child; _sharded_child({case!r})"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "SHARDED-OK" in result.stdout
