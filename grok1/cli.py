@@ -52,8 +52,6 @@ def parse_mesh(text: str | None) -> dict | None:
 
 def resolve_model(args) -> tuple[str, str | None, bool]:
     """(checkpoint dir, tokenizer path or None, is_demo)."""
-    from grok1 import demo
-
     if os.path.isdir(os.path.join(args.checkpoint, "ckpt-0")):
         tok = args.tokenizer or (DEFAULT_TOKENIZER if os.path.exists(DEFAULT_TOKENIZER) else None)
         return args.checkpoint, tok, False
@@ -62,6 +60,8 @@ def resolve_model(args) -> tuple[str, str | None, bool]:
             f"error: no checkpoint at {args.checkpoint!r}: expected {args.checkpoint}/ckpt-0/ "
             "(the release's tensorNNNNN_000 files)"
         )
+    from grok1 import demo
+
     return demo.demo_path(), args.tokenizer or demo.tokenizer_path(), True
 
 
