@@ -281,7 +281,10 @@ def load(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not os.path.isdir(os.path.join(path, release.CKPT_SUBDIR)):
+    from grok1.checkpoint import safe_format
+
+    converted = safe_format.is_converted(path)
+    if not converted and not os.path.isdir(os.path.join(path, release.CKPT_SUBDIR)):
         raise FileNotFoundError(
             f"no checkpoint at {path!r}: expected a directory holding {release.CKPT_SUBDIR}/ "
             f"(put the release's ckpt-0/ under checkpoints/, or pass its parent directory)"
