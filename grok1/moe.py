@@ -52,14 +52,43 @@ def combine(o: jax.Array, gates: jax.Array) -> jax.Array:
     return jnp.einsum("nkd,nk->nd", o, w, precision=jax.lax.Precision.HIGHEST).astype(BF16)
 
 
+def _round_to_bf16_in_f32(x: jax.Array) -> jax.Array:
+    """bf16(x) (round to nearest even) kept in float32, done on the bits so that no compiler
+    "excess precision" rewrite can skip the rounding. x: float32, finite."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, F32)
+
+
+def _gathered_f32(p: dict, idx: jax.Array, rounded: bool) -> jax.Array:
+    """The selected experts' weights [N, k, In, Out] in float32 with the values of
+    `layers.matrix(p, F32 or BF16, rounded)`: int8 times scales (rounded to bf16 if `rounded`);
+    a plain float32 matrix rounded to bf16 if `rounded`.
+
+    XLA:CPU neither fuses a convert into a dot nor runs bf16 dots natively: one elementwise
+    fusion from the gathered int8 leaves into an f32 operand is several times faster than
+    materialising bf16 copies, and a dot of these (bf16-exact) values accumulates in f32 anyway.
+    """
+    w = p["w"][idx].astype(F32)  # [N, k, In, Out]
+    if "scales" in p:
+        s = p["scales"][idx].astype(F32)  # [N, k, Gs, Out]
+        *lead, n_in, n_out = w.shape
+        groups = s.shape[-2]
+        w = w.reshape(*lead, groups, n_in // groups, n_out) * s[..., :, None, :]  # exact in f32
+        w = w.reshape(*lead, n_in, n_out)
+    return _round_to_bf16_in_f32(w) if rounded else w
+
+
 def experts_gather(z, idx, gate_p, up_p, down_p, dtype):
     """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis. Returns [N, k, D]."""
-    take = lambda p: {name: leaf[idx] for name, leaf in p.items()}  # [N, k, ...]
-    w_gate = layers.matrix(take(gate_p), dtype)  # [N, k, D, F]
-    w_up = layers.matrix(take(up_p), dtype)
-    w_down = layers.matrix(take(down_p), F32, rounded=dtype == BF16)  # [N, k, F, D]
-    g = layers.dot("nd,nkdf->nkf", z, w_gate, dtype)
-    u = layers.dot("nd,nkdf->nkf", z, w_up, dtype)
+    zf = z.astype(F32)  # exact; the dots accumulate in f32 and round once to `dtype`
+    bf16_mode = dtype == BF16
+    w_gate = _gathered_f32(gate_p, idx, bf16_mode)  # [N, k, D, F]
+    w_up = _gathered_f32(up_p, idx, bf16_mode)
+    # down: like layers.matrix(..., F32, rounded=bf16_mode), which leaves plain f32 leaves exact
+    w_down = _gathered_f32(down_p, idx, bf16_mode and "scales" in down_p)  # [N, k, F, D]
+    g = layers.dot("nd,nkdf->nkf", zf, w_gate, dtype)
+    u = layers.dot("nd,nkdf->nkf", zf, w_up, dtype)
     return layers.dot("nkf,nkfd->nkd", expert_hidden(u, g), w_down, F32)
 
 

@@ -22,15 +22,20 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def dequant(leaf):
-    """W = bf16(bf16(q) * scales), grouped along the input axis; plain f32 matrices -> bf16(W)."""
+def dequant(leaf, rounded=True):
+    """W = bf16(bf16(q) * scales) grouped along the input axis (exact q * scales when not
+    `rounded`: the float32 mode); plain f32 matrices -> bf16(W) when `rounded`."""
     w = np.asarray(leaf["w"].astype(jnp.float32))
     if "scales" not in leaf:
-        return bf16(w)
+        return bf16(w) if rounded else w
     s = np.asarray(leaf["scales"].astype(jnp.float32))  # [Gs, Out]
     n_in, n_out = w.shape
     g = s.shape[0]
-    return bf16(w.reshape(g, n_in // g, n_out) * s[:, None, :]).reshape(n_in, n_out)
+    w = w.reshape(g, n_in // g, n_out) * s[:, None, :]
+    return (bf16(w) if rounded else w).reshape(n_in, n_out)
+
+
+MATS = ("gate", "up", "down")
 
 
 def expert_leaf(params, name, e):
@@ -50,7 +55,9 @@ def oracle(params, z, k, dtype):
         order = sorted(range(probs.shape[1]), key=lambda e: (-probs[n, e], e))[:k]
         acc = np.zeros(zf.shape[1], np.float32)
         for e in order:
-            w = {m: dequant(expert_leaf(params, m, e)) for m in ("gate", "up", "down")}
+            w = {m: dequant(expert_leaf(params, m, e), dtype == jnp.bfloat16) for m in MATS}
+            if "scales" not in params["moe/down"]:  # the down projection runs in f32
+                w["down"] = np.asarray(expert_leaf(params, "down", e)["w"], np.float32)
             u = rnd(zf[n] @ w["up"])
             g = gelu_tanh(rnd(zf[n] @ w["gate"]))
             o = (u * g) @ w["down"]
