@@ -168,12 +168,17 @@ class Model:
         stop=None,
         stop_ids=None,
         ignore_eos: bool = False,
+        logprobs: int = 0,
         max_batch: int = 8,
         return_results: bool = False,
     ):
         """Continues each prompt; returns per prompt the new token ids (prompts given as id
         lists) or the new text (prompts given as strings). Stops at EOS (unless `ignore_eos`),
-        `stop_ids`, `stop` strings or `max_new_tokens`; the stop itself is not returned."""
+        `stop_ids`, `stop` strings or `max_new_tokens`; the stop itself is not returned.
+
+        With `return_results`, returns `engine.Result`s instead: tokens, their log-probabilities,
+        the finish reason and, when `logprobs=k`, the k most likely (id, log-probability)
+        alternatives at every step."""
         single = isinstance(prompts, str) or (
             len(prompts) > 0 and isinstance(prompts[0], int | np.integer)
         )
@@ -191,6 +196,7 @@ class Model:
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            logprobs=logprobs,
         )
         results = [None] * len(reqs)
         for i, _, result in self.engine.run(

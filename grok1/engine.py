@@ -84,6 +84,8 @@ class DecodeState:
     out: jax.Array  # [B, N] int32 generated tokens
     logprobs: jax.Array  # [B, N] f32 log-probabilities of the generated tokens
     seen: jax.Array | None  # [B, V] bool for the repetition penalty, or None
+    top_vals: jax.Array | None = None  # [B, N, K] f32 top-K log-probabilities per step
+    top_ids: jax.Array | None = None  # [B, N, K] int32 their token ids
 
 
 class Engine:
@@ -163,6 +165,11 @@ class Engine:
         hit_stop = jnp.any(tok[:, None] == st.stop_ids, axis=1)
         finished = st.active & (hit_stop | (steps >= st.budget))
         seen = None if st.seen is None else sampling.update_seen_mask(st.seen, tok)
+        top_vals, top_ids = st.top_vals, st.top_ids
+        if top_ids is not None:
+            vals, ids = sampling.top_logprobs(logits, top_ids.shape[2])
+            top_vals = top_vals.at[rows, write].set(vals, mode="drop")
+            top_ids = top_ids.at[rows, write].set(ids, mode="drop")
         st = DecodeState(
             last=jnp.where(st.active, tok, st.last),
             steps=steps,
@@ -172,6 +179,8 @@ class Engine:
             out=out,
             logprobs=lps,
             seen=seen,
+            top_vals=top_vals,
+            top_ids=top_ids,
         )
         return st, jnp.any(finished)
 
@@ -256,7 +265,8 @@ class Engine:
             [requests[i].sampling for i in first]
             + [sampling.SamplingParams()] * (slots - len(first))
         )
-        state = self._empty_state(slots, n_max, p_max, use_seen)
+        n_top = max(r.sampling.logprobs for r in requests)
+        state = self._empty_state(slots, n_max, p_max, use_seen, n_top)
         for slot, i in enumerate(first):
             owner[slot] = i
             state = self._admit(state, slot, requests[i], p_max)
@@ -313,7 +323,7 @@ class Engine:
             )
 
     # -- helpers --------------------------------------------------------------------------------
-    def _empty_state(self, slots, n_max, p_max, use_seen) -> DecodeState:
+    def _empty_state(self, slots, n_max, p_max, use_seen, n_top=0) -> DecodeState:
         z = lambda dtype, *shape: jnp.zeros(shape, dtype)  # noqa: E731
         return DecodeState(
             last=z(jnp.int32, slots),
@@ -324,6 +334,8 @@ class Engine:
             out=z(jnp.int32, slots, n_max),
             logprobs=z(jnp.float32, slots, n_max),
             seen=z(bool, slots, self.config.vocab_size) if use_seen else None,
+            top_vals=z(jnp.float32, slots, n_max, n_top) if n_top else None,
+            top_ids=z(jnp.int32, slots, n_max, n_top) if n_top else None,
         )
 
     def _admit(self, state: DecodeState, slot: int, r: Request, p_max: int) -> DecodeState:
@@ -369,11 +381,19 @@ class Engine:
         toks = to_host(state.out)[slot, :n].tolist()
         lps = to_host(state.logprobs)[slot, :n].tolist()
         stops = set(r.stop_ids) | (set() if r.ignore_eos else {self.config.eos_token})
-        if keep is not None:
-            return Result(toks[:keep], lps[:keep], "stop")
-        if toks and toks[-1] in stops:
-            return Result(toks[:-1], lps[:-1], "stop")
-        return Result(toks, lps, "length")
+        top = None
+        if r.sampling.logprobs:
+            k = r.sampling.logprobs
+            ids = to_host(state.top_ids)[slot, :n, :k].tolist()
+            vals = to_host(state.top_vals)[slot, :n, :k].tolist()
+            top = [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)]
+        if keep is None and toks and toks[-1] in stops:
+            keep, reason = n - 1, "stop"
+        else:
+            reason = "length" if keep is None else "stop"
+        keep = n if keep is None else keep
+        top = None if top is None else top[:keep]
+        return Result(toks[:keep], lps[:keep], reason, top)
 
     # -- scoring --------------------------------------------------------------------------------
     @functools.cached_property

@@ -136,3 +136,20 @@ def test_seeded_sampling_is_batch_invariant_and_top_k_1_is_greedy():
     assert model.generate([prompts[1]], 6, seed=7, **kw)[0] == alone
     greedy = case_file(CASE, "greedy_runner.npy")[1].tolist()[:6]
     assert model.generate([prompts[1]], 6, temperature=0.8, top_k=1, ignore_eos=True)[0] == greedy
+
+
+def test_logprobs_of_chosen_tokens_and_top_alternatives():
+    model = golden_model(CASE)
+    prompt = prompts_of(CASE)[2]
+    res = model.generate([prompt], 4, ignore_eos=True, logprobs=3, return_results=True)[0]
+    assert res.tokens == case_file(CASE, "greedy_runner.npy")[2].tolist()[:4]
+    assert len(res.top_logprobs) == 4
+    seq = list(prompt)
+    for tok, lp, top in zip(res.tokens, res.logprobs, res.top_logprobs, strict=True):
+        logits = model.logits(np.array([seq]))[0, -1].astype(np.float64)
+        ref = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        assert abs(lp - ref[tok]) <= 0.05
+        assert top[0][0] == tok  # greedy: the chosen token is the most likely
+        assert [i for i, _ in top] == np.argsort(-ref, kind="stable")[:3].tolist()
+        assert np.allclose([v for _, v in top], np.sort(ref)[::-1][:3], atol=0.05)
+        seq.append(tok)
