@@ -37,11 +37,31 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return (xf * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
 
 
+def round_bf16(x: jax.Array) -> jax.Array:
+    """bf16(x) (round to nearest even) kept in float32. x: float32, finite.
+
+    Done on the bits, so that no compiler rewrite can drop the rounding (XLA removes an
+    f32 -> bf16 -> f32 convert pair when excess precision is allowed, its default).
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, F32)
+
+
+def _dots_in_f32() -> bool:
+    """XLA:CPU runs bf16 dots and bf16 elementwise math several times slower than float32."""
+    return jax.default_backend() == "cpu"
+
+
 def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
     """An einsum accumulated in float32 and rounded once to `out_dtype`.
 
-    Float32 operands use full precision (no TF32 / bf16 passes on accelerators).
+    Float32 operands use full precision (no TF32 / bf16 passes on accelerators). On CPU, bf16
+    operands are widened to float32 first: the products of bf16 values are exact in float32 and
+    the accumulation is float32 either way, so only the summation order can differ.
     """
+    if _dots_in_f32():
+        a, b = a.astype(F32), b.astype(F32)
     precision = jax.lax.Precision.HIGHEST if F32 in (a.dtype, b.dtype) else None
     out = jnp.einsum(subscripts, a, b, preferred_element_type=F32, precision=precision)
     return out.astype(out_dtype)
@@ -77,10 +97,10 @@ def dequantize(weight: jax.Array, scales: jax.Array, dtype=BF16, rounded=None) -
     if n_in % groups:
         raise ValueError(f"{groups} scale groups do not divide the input dimension {n_in}")
     rounded = dtype != F32 if rounded is None else rounded
-    work = BF16 if rounded else F32
-    w = weight.astype(work).reshape(*lead, groups, n_in // groups, n_out)
-    w = w * scales.astype(work)[..., :, None, :]
-    return w.reshape(*lead, n_in, n_out).astype(dtype)
+    w = weight.astype(F32).reshape(*lead, groups, n_in // groups, n_out)
+    w = w * scales.astype(F32)[..., :, None, :]  # exact: 8-bit x 8-bit significands
+    w = w.reshape(*lead, n_in, n_out)
+    return (round_bf16(w) if rounded else w).astype(dtype)
 
 
 def matrix(params: dict, dtype, rounded=None) -> jax.Array:
@@ -88,8 +108,9 @@ def matrix(params: dict, dtype, rounded=None) -> jax.Array:
     if "scales" in params:
         return dequantize(params["w"], params["scales"], dtype, rounded)
     w = params["w"]
-    if dtype == BF16 or w.dtype == BF16:
-        w = w.astype(BF16)  # a plain float32 matrix acts as bf16(W) in bf16 mode
+    rounded = (dtype != F32 or w.dtype == BF16) if rounded is None else rounded
+    if rounded and w.dtype == F32:
+        w = round_bf16(w)  # a plain float32 matrix acts as bf16(W) in bf16 mode
     return w.astype(dtype)
 
 

@@ -9,9 +9,12 @@ F expert hidden size, Gs scale groups. Expert e computes (SPEC.md §2)
 and a token's output is round(Σ_slots f32(bf16(gate)) * o), `round` being to the activation
 dtype and the final one always to bfloat16 (as the release's casts do).
 
-Two dispatch strategies, numerically identical:
+Three dispatch strategies, equal up to float32 summation order:
   * "gather": each (token, slot) gathers its expert's int8 weights; reads k·N experts' bytes, so it
     wins when N·k is small (decode).
+  * "dense": every token through each expert that any token uses, weighted by its gate (0 when
+    not selected); reads each used expert once, compute N x used experts. The CPU default
+    beyond decode, where ragged dots are slow.
   * "grouped": (token, slot) pairs are sorted by expert and multiplied with `lax.ragged_dot`; every
     expert's weights are read once (prefill, large batches).
 """
@@ -26,7 +29,7 @@ from grok1 import layers
 from grok1.config import ModelConfig
 
 F32, BF16 = layers.F32, layers.BF16
-STRATEGIES = ("auto", "gather", "grouped")
+STRATEGIES = ("auto", "gather", "dense", "grouped")
 
 
 def route(z: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -52,44 +55,50 @@ def combine(o: jax.Array, gates: jax.Array) -> jax.Array:
     return jnp.einsum("nkd,nk->nd", o, w, precision=jax.lax.Precision.HIGHEST).astype(BF16)
 
 
-def _round_to_bf16_in_f32(x: jax.Array) -> jax.Array:
-    """bf16(x) (round to nearest even) kept in float32, done on the bits so that no compiler
-    "excess precision" rewrite can skip the rounding. x: float32, finite."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
-    return jax.lax.bitcast_convert_type(bits, F32)
-
-
-def _gathered_f32(p: dict, idx: jax.Array, rounded: bool) -> jax.Array:
-    """The selected experts' weights [N, k, In, Out] in float32 with the values of
-    `layers.matrix(p, F32 or BF16, rounded)`: int8 times scales (rounded to bf16 if `rounded`);
-    a plain float32 matrix rounded to bf16 if `rounded`.
-
-    XLA:CPU neither fuses a convert into a dot nor runs bf16 dots natively: one elementwise
-    fusion from the gathered int8 leaves into an f32 operand is several times faster than
-    materialising bf16 copies, and a dot of these (bf16-exact) values accumulates in f32 anyway.
-    """
-    w = p["w"][idx].astype(F32)  # [N, k, In, Out]
-    if "scales" in p:
-        s = p["scales"][idx].astype(F32)  # [N, k, Gs, Out]
-        *lead, n_in, n_out = w.shape
-        groups = s.shape[-2]
-        w = w.reshape(*lead, groups, n_in // groups, n_out) * s[..., :, None, :]  # exact in f32
-        w = w.reshape(*lead, n_in, n_out)
-    return _round_to_bf16_in_f32(w) if rounded else w
-
-
 def experts_gather(z, idx, gate_p, up_p, down_p, dtype):
-    """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis. Returns [N, k, D]."""
-    zf = z.astype(F32)  # exact; the dots accumulate in f32 and round once to `dtype`
-    bf16_mode = dtype == BF16
-    w_gate = _gathered_f32(gate_p, idx, bf16_mode)  # [N, k, D, F]
-    w_up = _gathered_f32(up_p, idx, bf16_mode)
-    # down: like layers.matrix(..., F32, rounded=bf16_mode), which leaves plain f32 leaves exact
-    w_down = _gathered_f32(down_p, idx, bf16_mode and "scales" in down_p)  # [N, k, F, D]
-    g = layers.dot("nd,nkdf->nkf", zf, w_gate, dtype)
-    u = layers.dot("nd,nkdf->nkf", zf, w_up, dtype)
-    return layers.dot("nkf,nkfd->nkd", expert_hidden(u, g), w_down, F32)
+    """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis. Returns [N, k, D].
+
+    One 2-D dot per (token, slot), unrolled (N·k is small here): batched matrix-vector products
+    take a slow path on XLA:CPU.
+    """
+    n, k = idx.shape
+    rows = []
+    for i in range(n):
+        x = z[i : i + 1]  # [1, D]
+        slots = []
+        for j in range(k):
+            pick = lambda p: {name: leaf[idx[i, j]] for name, leaf in p.items()}  # noqa: B023
+            g = layers.dot("nd,df->nf", x, layers.matrix(pick(gate_p), dtype), dtype)
+            u = layers.dot("nd,df->nf", x, layers.matrix(pick(up_p), dtype), dtype)
+            w_down = layers.matrix(pick(down_p), F32, rounded=dtype == BF16)
+            slots.append(layers.dot("nf,fd->nd", expert_hidden(u, g), w_down, F32))  # [1, D]
+        rows.append(jnp.stack(slots, axis=1))  # [1, k, D]
+    return jnp.concatenate(rows, axis=0)
+
+
+def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype):
+    """Every token through every expert that some token uses, one expert at a time (a loop
+    whose unused iterations are skipped), weighted by the token's gate for it (0 if not
+    selected). Reads each used expert once; compute grows with N x used experts, which suits
+    decode batches and XLA:CPU, whose ragged dots are slow. Returns [N, D] bf16 (combined).
+    """
+    n, k = idx.shape
+    num_experts = gate_p["w"].shape[0]
+    rows = jnp.arange(n)[:, None]
+    weight = jnp.zeros((n, num_experts), F32).at[rows, idx].add(gates.astype(BF16).astype(F32))
+    used = jnp.zeros((num_experts,), bool).at[idx.reshape(-1)].set(True)
+
+    def expert(e, acc):
+        pick = lambda p: {name: leaf[e] for name, leaf in p.items()}  # noqa: E731
+        g = layers.dot("nd,df->nf", z, layers.matrix(pick(gate_p), dtype), dtype)
+        u = layers.dot("nd,df->nf", z, layers.matrix(pick(up_p), dtype), dtype)
+        w_down = layers.matrix(pick(down_p), F32, rounded=dtype == BF16)
+        o = layers.dot("nf,fd->nd", expert_hidden(u, g), w_down, F32)  # [N, D]
+        return acc + weight[:, e, None] * o
+
+    body = lambda e, acc: jax.lax.cond(used[e], expert, lambda _, a: a, e, acc)  # noqa: E731
+    out = jax.lax.fori_loop(0, num_experts, body, jnp.zeros((n, z.shape[-1]), F32))
+    return out.astype(BF16)
 
 
 def experts_grouped(z, idx, gate_p, up_p, down_p, dtype):
@@ -118,7 +127,9 @@ def choose_strategy(strategy: str, num_tokens: int, k: int, num_experts: int) ->
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}")
     if strategy == "auto":
-        return "gather" if num_tokens * k <= num_experts else "grouped"
+        if num_tokens * k <= num_experts:
+            return "gather"
+        return "dense" if jax.default_backend() == "cpu" else "grouped"
     return strategy
 
 
@@ -147,6 +158,9 @@ class MoE(hk.Module):
         }
         raw = {name: m.params() for name, m in mats.items()}
         strategy = choose_strategy(self.strategy, b * t, c.num_selected_experts, e)
+        if strategy == "dense":
+            out = experts_dense(flat, idx, gates, raw["gate"], raw["up"], raw["down"], z.dtype)
+            return out.reshape(b, t, d)
         fn = experts_gather if strategy == "gather" else experts_grouped
         o = fn(flat, idx, raw["gate"], raw["up"], raw["down"], z.dtype)
         return combine(o, gates).reshape(b, t, d)

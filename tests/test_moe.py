@@ -93,7 +93,7 @@ def test_strategies_match_loop_oracle(dtype, groups, tokens):
     params = make(CONFIG, groups, "gather", dtype).init(jax.random.PRNGKey(1), z)
     want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype)
     scale = np.abs(want).max()
-    for strategy in ("gather", "grouped"):
+    for strategy in ("gather", "dense", "grouped"):
         got = jax.jit(make(CONFIG, groups, strategy, dtype).apply)(params, z)
         assert got.dtype == jnp.bfloat16  # the release casts the MoE output to bf16
         got = np.asarray(got.astype(jnp.float32)).reshape(tokens, -1)
@@ -107,8 +107,9 @@ def test_gather_and_grouped_agree_closely():
     z = jax.random.normal(jax.random.PRNGKey(3), (2, 5, CONFIG.emb_size)).astype(jnp.bfloat16)
     params = make(CONFIG, 8, "gather", jnp.bfloat16).init(jax.random.PRNGKey(4), z)
     a = make(CONFIG, 8, "gather", jnp.bfloat16).apply(params, z).astype(jnp.float32)
-    b = make(CONFIG, 8, "grouped", jnp.bfloat16).apply(params, z).astype(jnp.float32)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2, atol=2e-2)
+    for strategy in ("grouped", "dense"):
+        b = make(CONFIG, 8, strategy, jnp.bfloat16).apply(params, z).astype(jnp.float32)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2, atol=2e-2)
 
 
 def test_route_ties_go_to_lower_index_and_gates_are_raw():
@@ -135,4 +136,4 @@ def test_route_orders_by_decreasing_gate():
 
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="unknown MoE strategy"):
-        moe.choose_strategy("dense", 4, 2, 8)
+        moe.choose_strategy("sparse", 4, 2, 8)
