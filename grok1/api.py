@@ -272,6 +272,7 @@ def load(
     moe_strategy: str = "auto",
     tokenizer=None,
     max_bucket: int = 1024,
+    progress=None,
 ) -> Model:
     """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
 
@@ -284,6 +285,8 @@ def load(
       mesh: a `jax.sharding.Mesh` or a dict of axis sizes such as {"data": 1, "model": 8};
         None keeps everything on the first device.
       max_bucket: largest prefill chunk (a power of two); longer prompts are prefilled in chunks.
+      progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
+        bytes of each finished read.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -301,7 +304,9 @@ def load(
         mesh = sharding.make_mesh(mesh)
         sharding.check_mesh(config, mesh)
         shardings = _param_shardings(path, config, mesh)
-    params, formats = loader.load_params(path, config, dtype=dtype, shardings=shardings)
+    params, formats = loader.load_params(
+        path, config, dtype=dtype, shardings=shardings, progress=progress or None
+    )
     grok = Grok1(config, formats, dtype=dtype, moe_strategy=moe_strategy)
     if isinstance(tokenizer, str | os.PathLike):
         from grok1.tokenizer import Tokenizer

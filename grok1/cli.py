@@ -82,7 +82,13 @@ def main(argv=None) -> int:
               "For Grok-1, put the release's ckpt-0/ under checkpoints/ and tokenizer.model at "
               "the top level (see README).", file=sys.stderr)  # fmt: skip
     t0 = time.time()
-    model = grok1.load(path, mesh=parse_mesh(args.mesh), dtype=args.dtype, tokenizer=tok_path)
+    model = grok1.load(
+        path,
+        mesh=parse_mesh(args.mesh),
+        dtype=args.dtype,
+        tokenizer=tok_path,
+        progress=sys.stderr.isatty() and not args.json,
+    )
     load_s = time.time() - t0
     prompt = read_prompt(args, model)
     if distributed.is_primary() is False:
@@ -92,6 +98,9 @@ def main(argv=None) -> int:
               ignore_eos=args.ignore_eos)  # fmt: skip
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     primary = distributed.is_primary()
+    if primary and sys.stderr.isatty() and not args.json:
+        print(f"[grok1] loaded in {load_s:.1f}s; compiling the prefill and decode steps...",
+              file=sys.stderr)  # fmt: skip
     t1 = time.time()
     if stream and not args.json:
         new = []
