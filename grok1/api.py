@@ -19,7 +19,7 @@ from grok1 import sharding
 from grok1.cache import CACHE_AXES, KVCache
 from grok1.checkpoint import loader, release
 from grok1.config import ModelConfig
-from grok1.engine import Engine, Request
+from grok1.engine import Engine, Request, to_host
 from grok1.model import DTYPES, Grok1, param_table
 from grok1.sampling import SamplingParams
 
@@ -99,7 +99,7 @@ class Model:
             if (lengths < 0).any() or (lengths > toks.shape[1]).any():
                 raise ValueError(f"lengths must lie in [0, {toks.shape[1]}], got {lengths}")
             valid = np.arange(toks.shape[1])[None, :] < lengths[:, None]
-        return np.asarray(self._forward(self.params, jnp.asarray(toks), jnp.asarray(valid)))
+        return to_host(self._forward(self.params, jnp.asarray(toks), jnp.asarray(valid)))
 
     # -- generation ---------------------------------------------------------------------------
     def _requests(self, prompts, max_new_tokens, stop, stop_ids, ignore_eos, **sampling_kw):
