@@ -20,11 +20,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin if piped)")
     p.add_argument("--prompt-tokens", default=None, help="prompt as token ids: 1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy (default; the demo model samples at 0.8)",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default 1; demo 0.95)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ignore-eos", action="store_true", help="never stop at EOS (the release)")
+    p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="never stop at EOS, as the release (default off; on for the demo, whose "
+        "EOS only separates paragraphs)",
+    )
     p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=1,model=8")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -90,12 +101,19 @@ def main(argv=None) -> int:
         progress=sys.stderr.isatty() and not args.json,
     )
     load_s = time.time() - t0
-    prompt = read_prompt(args, model)
+    prompt = read_prompt(args, model, is_demo)
     if distributed.is_primary() is False:
         prompt = None
     prompt = distributed.broadcast_prompts(prompt)
-    kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-              ignore_eos=args.ignore_eos)  # fmt: skip
+    defaults = (0.8, 0.95, True) if is_demo else (0.0, 1.0, False)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    kw = dict(
+        temperature=pick(args.temperature, defaults[0]),
+        top_p=pick(args.top_p, defaults[1]),
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=pick(args.ignore_eos, defaults[2]),
+    )
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     primary = distributed.is_primary()
     if primary and sys.stderr.isatty() and not args.json:
@@ -129,7 +147,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def read_prompt(args, model):
+def read_prompt(args, model, is_demo=False):
     if args.prompt_tokens:
         try:
             ids = [int(t) for t in args.prompt_tokens.split(",") if t.strip()]
@@ -140,8 +158,16 @@ def read_prompt(args, model):
             raise SystemExit("error: empty prompt")
         return ids
     text = args.prompt
+    if text is None and not sys.stdin.isatty():
+        text = sys.stdin.read() or None  # piped text; nothing piped: as on a terminal
     if text is None:
-        text = "The for statement" if sys.stdin.isatty() else sys.stdin.read()
+        if not is_demo:
+            raise SystemExit(
+                "error: no prompt: give --prompt TEXT, pipe text in, or use --prompt-tokens IDS"
+            )
+        from grok1 import demo
+
+        text = demo.PROMPT
     if not text.strip():
         raise SystemExit("error: empty prompt: give --prompt TEXT or --prompt-tokens IDS")
     if model.tokenizer is None:

@@ -73,3 +73,25 @@ def test_tokenizer_vocab_mismatch(tmp_path):
     with pytest.raises(ValueError, match="512"):
         cli.main(["--checkpoint", case_path(CASE), "--tokenizer", str(tmp_path / "t.model"),
                   "--prompt", "line 3"])  # fmt: skip
+
+
+def test_run_py_without_a_checkpoint_prints_demo_text(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "run.py"), "--max-new-tokens", "24", "--no-stream"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "embedded demo model" in proc.stderr
+    words = proc.stdout.split()
+    assert len(words) >= 5 and sum(w.isalpha() for w in words) >= 3, proc.stdout
+
+
+def test_no_prompt_for_a_real_checkpoint(capsys):
+    import io
+
+    stdin, sys.stdin = sys.stdin, io.StringIO("")
+    try:
+        msg = run_main(capsys, "--checkpoint", case_path(CASE))
+    finally:
+        sys.stdin = stdin
+    assert "no prompt" in msg
