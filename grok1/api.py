@@ -304,6 +304,10 @@ def load(
         mesh = sharding.make_mesh(mesh)
         sharding.check_mesh(config, mesh)
         shardings = _param_shardings(path, config, mesh)
+    from grok1 import plan
+
+    plan_mesh = mesh or sharding.make_mesh({"data": 1, "model": 1}, jax.local_devices()[:1])
+    plan.check_params_fit(config, plan_mesh)  # before reading any weights
     params, formats = loader.load_params(
         path, config, dtype=dtype, shardings=shardings, progress=progress or None
     )

@@ -167,24 +167,36 @@ def dry_run(
     return report
 
 
+def device_memory_limit(device) -> int | None:
+    """Bytes a device can hold (`memory_stats()["bytes_limit"]`), None where unknown (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
 def preflight(needed_bytes_per_device: int, devices: Sequence | None = None) -> None:
     """Raises InsufficientMemoryError if some device cannot hold `needed_bytes_per_device`.
 
-    Uses `device.memory_stats()["bytes_limit"]`; devices that report nothing (the CPU) are
-    skipped.
+    Devices that report no limit (the CPU) are skipped.
     """
     devices = list(jax.devices() if devices is None else devices)
     for d in devices:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        limit = (stats or {}).get("bytes_limit")
+        limit = device_memory_limit(d)
         if limit is None:
             continue
         if needed_bytes_per_device > limit:
             raise InsufficientMemoryError(
-                f"needs {needed_bytes_per_device / GB:.1f} GB per device, this mesh has "
-                f"{limit / GB:.1f} GB ({d.device_kind} {d.id}); use a larger model axis, a "
+                f"needs {needed_bytes_per_device / GB:.3g} GB per device, this mesh has "
+                f"{limit / GB:.3g} GB ({d.device_kind} {d.id}); use a larger model axis, a "
                 f"smaller batch or context, or devices with more memory"
             )
+
+
+def check_params_fit(config: ModelConfig, mesh) -> int:
+    """Pre-flight before loading: the release-format parameters' bytes per device of `mesh`
+    against each device's memory. Returns the bytes needed per device."""
+    needed = bytes_per_device(abstract_params(config, WeightFormats.release(config), mesh))
+    preflight(needed, list(mesh.devices.flat))
+    return needed
 
 
 def dry_run_subprocess(

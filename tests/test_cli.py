@@ -95,3 +95,13 @@ def test_no_prompt_for_a_real_checkpoint(capsys):
     finally:
         sys.stdin = stdin
     assert "no prompt" in msg
+
+
+def test_not_enough_device_memory_is_caught_before_loading(monkeypatch):
+    from grok1 import plan
+
+    monkeypatch.setattr(plan, "device_memory_limit", lambda device: 10_000)
+    with pytest.raises(
+        plan.InsufficientMemoryError, match=r"needs [0-9.e-]+ GB per device, this mesh has 1e-05 GB"
+    ):
+        cli.main(["--checkpoint", case_path(CASE), "--prompt-tokens", "5,6"])

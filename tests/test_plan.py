@@ -34,7 +34,7 @@ class FakeDevice:
 
 def test_preflight_error_names_need_and_capacity():
     with pytest.raises(
-        plan.InsufficientMemoryError, match="needs 50.0 GB per device, this mesh has 40.0 GB"
+        plan.InsufficientMemoryError, match="needs 50 GB per device, this mesh has 40 GB"
     ):
         plan.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(40 * 10**9, id=1)])
 
