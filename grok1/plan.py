@@ -176,7 +176,8 @@ def device_memory_limit(device) -> int | None:
 def preflight(needed_bytes_per_device: int, devices: Sequence | None = None) -> None:
     """Raises InsufficientMemoryError if some device cannot hold `needed_bytes_per_device`.
 
-    Devices that report no limit (the CPU) are skipped.
+    Devices that report no limit (the CPU) are skipped. Pass this process's devices only: the
+    runtime answers memory questions for addressable devices alone.
     """
     devices = list(jax.devices() if devices is None else devices)
     for d in devices:
@@ -195,7 +196,8 @@ def check_params_fit(config: ModelConfig, mesh) -> int:
     """Pre-flight before loading: the release-format parameters' bytes per device of `mesh`
     against each device's memory. Returns the bytes needed per device."""
     needed = bytes_per_device(abstract_params(config, WeightFormats.release(config), mesh))
-    preflight(needed, list(mesh.devices.flat))
+    local = jax.process_index()
+    preflight(needed, [d for d in mesh.devices.flat if d.process_index == local])
     return needed
 
 
