@@ -362,3 +362,39 @@ def test_sharded_load_reads_only_own_slices():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "SHARDED-OK" in result.stdout
+
+
+def test_per_host_files_load_identically_and_read_only_their_columns(tmp_path):
+    """Our per-host layout: P files per leaf, split along the last axis."""
+    import jax
+
+    import grok1
+    from grok1.checkpoint import release as rel
+    from grok1.model import Grok1, WeightFormats
+
+    config = ModelConfig.tiny()
+    params = Grok1(config, WeightFormats.release(config)).init(jax.random.PRNGKey(3))
+    loader.save_params(str(tmp_path / "one"), config, params)
+    loader.save_params(str(tmp_path / "four"), config, params, num_files=4)
+    names = sorted(os.listdir(tmp_path / "four" / "ckpt-0"))
+    assert names[:4] == [f"tensor00000_00{p}" for p in range(4)]
+    a = grok1.load(str(tmp_path / "one")).params
+    b = grok1.load(str(tmp_path / "four")).params
+    for module, leaves in a.items():
+        for leaf, value in leaves.items():
+            np.testing.assert_array_equal(np.asarray(b[module][leaf]), np.asarray(value))
+    groups = dict(rel.checkpoint_file_groups(str(tmp_path / "four"), config))
+    path = "transformer/decoder_layer_0/moe/linear/w"  # [E, D, F]
+    sharded = rel.open_leaf(groups[path])
+    full = sharded.read_part("weight")
+    width = full.shape[-1] // 4
+    calls = []
+    for f in sharded._files:
+        original = f.read_part
+        f.read_part = lambda part, index=None, f=f, o=original: (
+            calls.append(f.path) or o(part, index)
+        )
+    got = sharded.read_part("weight", (slice(1, 3), slice(None), slice(width + 2, 2 * width)))
+    np.testing.assert_array_equal(got, full[1:3, :, width + 2 : 2 * width])
+    assert calls == [groups[path][1]]  # only the second host's file was touched
+    np.testing.assert_array_equal(sharded.read_part("weight", (0, 5, -1)), full[0, 5, -1])

@@ -97,12 +97,12 @@ def open_checkpoint(directory, config: ModelConfig) -> dict:
     if safe_format.is_converted(directory):
         return safe_format.open_checkpoint(directory, config)
     files = {}
-    for path, filename in release.checkpoint_files(directory, config):
+    for path, filenames in release.checkpoint_file_groups(directory, config):
         try:
-            tf = release.open_tensor(filename)
+            tf = release.open_leaf(filenames)
         except release.CheckpointError as e:
             raise release.CheckpointError(f"parameter {path}: {e}") from None
-        release.check_leaf(config, path, tf, where=filename)
+        release.check_leaf(config, path, tf, where=filenames[0])
         files[path] = tf
     return files
 
@@ -332,6 +332,8 @@ def params_to_release(params: dict, config: ModelConfig) -> dict:
     return leaves
 
 
-def save_params(directory: str, config: ModelConfig, params: dict) -> None:
-    """Writes params as a release checkpoint (`ckpt-0/` + `config.json`)."""
-    release.write_checkpoint(directory, config, params_to_release(params, config))
+def save_params(directory: str, config: ModelConfig, params: dict, num_files: int = 1) -> None:
+    """Writes params as a release checkpoint (`ckpt-0/` + `config.json`); `num_files` > 1 uses
+    the per-host layout (`grok1.checkpoint.release`: P files per leaf, split by columns)."""
+    leaves = params_to_release(params, config)
+    release.write_checkpoint(directory, config, leaves, num_files=num_files)

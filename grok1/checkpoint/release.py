@@ -11,6 +11,13 @@ Shapes (letters as in `grok1.config`): embedding [V, D]; per layer MoE `linear`/
 [H*Dh, D]; four RMSNorm scales [D]; router [D, E]; final norm [D]. The seven matrices may be
 stored as `QuantizedWeight8bit` (int8 weight of that shape + bf16 scales) or as float32 arrays;
 everything else is float32.
+
+Per-host files (our layout; the release only has `_000`): a checkpoint written by P processes
+(`write_checkpoint(..., num_files=P)`) stores leaf i as `tensor{i:05d}_000` .. `_{P-1:03d}`, file p
+holding the p-th of P equal, contiguous slices of the leaf along its LAST axis (the output
+columns of a matrix, and of its scales, which share that axis). Every leaf has the same P, and P
+divides every leaf's last dimension. `ShardedTensor` presents the P files as one leaf, so any
+process reads exactly the column range its devices keep, whatever the mesh.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ __all__ = [
     "write_tensor", "CKPT_SUBDIR", "EMBEDDING_PATH", "FINAL_NORM_PATH", "LAYER_SUFFIXES",
     "MATRIX_SUFFIXES", "layer_order", "release_param_paths", "parse_release_path",
     "release_shape", "is_matrix", "tensor_filename", "checkpoint_files", "check_leaf",
+    "checkpoint_file_groups", "open_leaf", "ShardedTensor",
     "write_checkpoint", "read_checkpoint",
 ]  # fmt: skip
 
@@ -120,7 +128,7 @@ def tensor_filename(index: int, process: int = 0) -> str:
 # ---------------------------------------------------------------------------------------------
 def _describe(value) -> tuple:
     """(kind, shape, dtype, scales_shape) of an ndarray, QuantizedWeight8bit or TensorFile."""
-    if isinstance(value, TensorFile):
+    if isinstance(value, TensorFile) or hasattr(value, "scales_shape"):
         return value.kind, value.shape, value.dtype, value.scales_shape
     if isinstance(value, QuantizedWeight8bit):
         value.validate()
@@ -164,6 +172,98 @@ def check_leaf(config: ModelConfig, path: str, value, *, where: str = "") -> Non
 # ---------------------------------------------------------------------------------------------
 # Whole directories.
 # ---------------------------------------------------------------------------------------------
+class ShardedTensor(TensorFile):
+    """One leaf stored as per-host files split along the last axis (see the module docstring);
+    reads the same way as a `TensorFile`, touching only the files its index needs."""
+
+    def __init__(self, files: list):
+        first = files[0]
+        self.path, self.kind, self._files = first.path, first.kind, list(files)
+        self._layouts = self._value = self._stamp = None
+        self._widths = [f.shape[-1] for f in files]
+        self._meta = {}
+        for part in first.parts:
+            shape, dtype = first._meta[part]
+            for f in files[1:]:
+                other, other_dtype = f._meta.get(part, (None, None))
+                if (
+                    f.kind != first.kind
+                    or other is None
+                    or other[:-1] != shape[:-1]
+                    or (other_dtype != dtype)
+                ):
+                    raise CheckpointError(
+                        f"{f.path}: per-host file does not match {first.path} (found "
+                        f"{f.kind} {other}, expected {first.kind} {shape[:-1]} + [columns])"
+                    )
+            self._meta[part] = ((*shape[:-1], sum(f._meta[part][0][-1] for f in files)), dtype)
+
+    def read_part(self, part: str, index=None) -> np.ndarray:
+        shape = self._meta[part][0]
+        idx = index if isinstance(index, tuple) else (() if index is None else (index,))
+        idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+        last = idx[-1]
+        if isinstance(last, slice) and last.step not in (None, 1):
+            full = self.read_part(part, idx[:-1] + (slice(None),))
+            return np.ascontiguousarray(full[..., last])
+        start, stop = (
+            (last % shape[-1], last % shape[-1] + 1) if not isinstance(last, slice)
+            else last.indices(shape[-1])[:2]
+        )  # fmt: skip
+        pieces, offset = [], 0
+        for f, width in zip(self._files, self._widths, strict=True):
+            lo, hi = max(start, offset), min(stop, offset + width)
+            if lo < hi:
+                pieces.append(f.read_part(part, idx[:-1] + (slice(lo - offset, hi - offset),)))
+            offset += width
+        if not pieces:
+            return self._files[0].read_part(part, idx[:-1] + (slice(0, 0),))
+        out = np.concatenate(pieces, axis=-1)
+        return out[..., 0] if not isinstance(last, slice) else out
+
+    def __repr__(self) -> str:
+        return f"ShardedTensor({self.path!r} + {len(self._files) - 1} more, {dict(self._meta)})"
+
+
+def checkpoint_file_groups(directory, config: ModelConfig) -> list[tuple[str, list[str]]]:
+    """[(parameter path, [file of process 0, 1, ...])] in file order, after checking that
+    `<directory>/ckpt-0` holds exactly files `_000` .. `_{P-1}` of every expected leaf."""
+    ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory (expected <dir>/ckpt-0/)")
+    suffixes = {n.rsplit("_", 1)[-1] for n in os.listdir(ckpt) if n.startswith("tensor")}
+    processes = sum(1 for p in range(len(suffixes)) if f"{p:03d}" in suffixes) or 1
+    paths = release_param_paths(config)
+    expected = {tensor_filename(i, p): path for i, path in enumerate(paths)
+                for p in range(processes)}  # fmt: skip
+    present = {n for n in os.listdir(ckpt) if n.startswith("tensor")}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(
+            f"{ckpt}: missing {len(missing)} file(s), first {missing[0]} (parameter "
+            f"{expected[missing[0]]}); a {config.num_layers}-layer config written by "
+            f"{processes} process(es) expects {len(paths) * processes} files "
+            f"{tensor_filename(0)} .. {tensor_filename(len(paths) - 1, processes - 1)}"
+        )
+    extra = sorted(present - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{ckpt}: unexpected file(s) {extra[:5]}; a {config.num_layers}-layer config expects "
+            f"exactly {tensor_filename(0)} .. {tensor_filename(len(paths) - 1, processes - 1)}. "
+            f"Is config.json right for this checkpoint?"
+        )
+    return [
+        (path, [os.path.join(ckpt, tensor_filename(i, p)) for p in range(processes)])
+        for i, path in enumerate(paths)
+    ]
+
+
+def open_leaf(files: list[str]) -> TensorFile:
+    """A `TensorFile` for a single-file leaf, a `ShardedTensor` for per-host files."""
+    opened = [open_tensor(f) for f in files]
+    return opened[0] if len(opened) == 1 else ShardedTensor(opened)
+
+
 def checkpoint_files(directory, config: ModelConfig) -> list[tuple[str, str]]:
     """[(parameter path, file path)] in file order, after checking that `<directory>/ckpt-0`
     holds exactly the expected `tensor*` files (other names are ignored)."""
@@ -196,17 +296,18 @@ def read_checkpoint(directory, config: ModelConfig) -> dict:
     Holds the whole model in memory; sharded loaders use `checkpoint_files` + `open_tensor`.
     """
     leaves = {}
-    for path, file in checkpoint_files(directory, config):
-        value = read_tensor(file)
-        check_leaf(config, path, value, where=file)
+    for path, files in checkpoint_file_groups(directory, config):
+        value = read_tensor(files[0]) if len(files) == 1 else open_leaf(files).read()
+        check_leaf(config, path, value, where=files[0])
         leaves[path] = value
     return leaves
 
 
-def write_checkpoint(directory, config: ModelConfig, leaves: dict) -> None:
-    """Writes `<directory>/ckpt-0/tensorNNNNN_000` for every leaf, then `<directory>/config.json`.
+def write_checkpoint(directory, config: ModelConfig, leaves: dict, num_files: int = 1) -> None:
+    """Writes `<directory>/ckpt-0/tensorNNNNN_MMM` for every leaf, then `config.json`.
 
-    All leaves are checked before anything is written; each file is written atomically.
+    `num_files` > 1 writes the per-host layout (module docstring): P files per leaf, split along
+    the last axis. All leaves are checked before anything is written; each file atomically.
     """
     paths = release_param_paths(config)
     missing, extra = sorted(set(paths) - set(leaves)), sorted(set(leaves) - set(paths))
@@ -217,12 +318,31 @@ def write_checkpoint(directory, config: ModelConfig, leaves: dict) -> None:
         )
     for i, path in enumerate(paths):
         check_leaf(config, path, leaves[path], where=tensor_filename(i))
+        last = release_shape(config, path)[-1]
+        if last % num_files:
+            raise CheckpointError(
+                f"write_checkpoint: {num_files} files per leaf do not divide the last dimension "
+                f"({last}) of parameter {path}"
+            )
     ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
     os.makedirs(ckpt, exist_ok=True)
-    names = {tensor_filename(i) for i in range(len(paths))}
+    names = {tensor_filename(i, p) for i in range(len(paths)) for p in range(num_files)}
     stale = sorted(n for n in os.listdir(ckpt) if n.startswith("tensor") and n not in names)
     if stale:
         raise CheckpointError(f"{ckpt}: holds other tensor files {stale[:5]}; use an empty dir")
     for i, path in enumerate(paths):
-        write_tensor(os.path.join(ckpt, tensor_filename(i)), leaves[path])
+        for p, part in enumerate(_split_last(leaves[path], num_files)):
+            write_tensor(os.path.join(ckpt, tensor_filename(i, p)), part)
     config.save(os.fspath(directory))
+
+
+def _split_last(value, n: int) -> list:
+    """n equal slices of a leaf along its last axis (weight and scales alike)."""
+    if n == 1:
+        return [value]
+    if isinstance(value, QuantizedWeight8bit):
+        ws = np.split(value.weight, n, axis=-1)
+        ss = np.split(value.scales, n, axis=-1)
+        return [QuantizedWeight8bit(np.ascontiguousarray(w), np.ascontiguousarray(s))
+                for w, s in zip(ws, ss, strict=True)]  # fmt: skip
+    return [np.ascontiguousarray(v) for v in np.split(value, n, axis=-1)]
