@@ -114,6 +114,31 @@ def matrix(params: dict, dtype, rounded=None) -> jax.Array:
     return w.astype(dtype)
 
 
+def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, blocks: int = 1):
+    """`x @ matrix(params, weight_dtype, rounded)` accumulated in float32, rounded to out_dtype.
+
+    x: [N, In]. With `blocks` > 1 (a multiple of the scale groups, dividing In), the weight is
+    dequantised and multiplied `In / blocks` rows at a time and the partial products summed: on
+    CPU the dequantised block stays in cache instead of a whole float32 copy of the matrix going
+    through memory. Only the float32 summation order differs from `blocks=1`.
+    """
+    w = params["w"]
+    n_in = w.shape[-2]
+    groups = params["scales"].shape[-2] if "scales" in params else 1
+    if blocks <= 1 or n_in % blocks or blocks % groups:
+        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype)
+    rows, acc = n_in // blocks, None
+    for b in range(blocks):
+        part = {"w": w[b * rows : (b + 1) * rows]}
+        if "scales" in params:
+            g = b * groups // blocks
+            part["scales"] = params["scales"][g : g + 1]
+        partial = dot("nd,df->nf", x[:, b * rows : (b + 1) * rows],
+                      matrix(part, weight_dtype, rounded), F32)  # fmt: skip
+        acc = partial if acc is None else acc + partial
+    return acc.astype(out_dtype)
+
+
 def compute_constant(value: float, dtype) -> jax.Array:
     """A Python-float multiplier as the release applies it: rounded to the activation dtype."""
     return jnp.asarray(value, dtype=dtype)

@@ -109,3 +109,16 @@ def test_saved_params_load_back_identically(tmp_path):
     for module, leaves in params.items():
         for leaf, value in leaves.items():
             np.testing.assert_array_equal(np.asarray(back[module][leaf]), np.asarray(value))
+
+
+def test_row_blocked_matmul_equals_one_block():
+    w = rng.integers(-127, 128, size=(64, 24)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, size=(8, 24)).astype(BF16)
+    params = {"w": jnp.asarray(w), "scales": jnp.asarray(scales)}
+    x = jnp.asarray(rng.normal(size=(3, 64)).astype(np.float32))
+    one = layers.matmul(x, params, jnp.float32, jnp.float32, rounded=True, blocks=1)
+    many = layers.matmul(x, params, jnp.float32, jnp.float32, rounded=True, blocks=16)
+    want = np.asarray(x) @ np.asarray(layers.dequantize(params["w"], params["scales"], jnp.float32,
+                                                        rounded=True))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(one), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(many), want, rtol=1e-5, atol=1e-5)
