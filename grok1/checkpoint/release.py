@@ -265,29 +265,15 @@ def open_leaf(files: list[str]) -> TensorFile:
 
 
 def checkpoint_files(directory, config: ModelConfig) -> list[tuple[str, str]]:
-    """[(parameter path, file path)] in file order, after checking that `<directory>/ckpt-0`
-    holds exactly the expected `tensor*` files (other names are ignored)."""
-    ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
-    if not os.path.isdir(ckpt):
-        raise CheckpointError(f"{ckpt}: no such checkpoint directory (expected <dir>/ckpt-0/)")
-    paths = release_param_paths(config)
-    expected = {tensor_filename(i): p for i, p in enumerate(paths)}
-    present = {n for n in os.listdir(ckpt) if n.startswith("tensor")}
-    missing = sorted(set(expected) - present)
-    if missing:
+    """[(parameter path, file path)] of a single-file-per-leaf checkpoint (the release's), checked
+    by `checkpoint_file_groups`."""
+    groups = checkpoint_file_groups(directory, config)
+    if len(groups[0][1]) > 1:
         raise CheckpointError(
-            f"{ckpt}: missing {len(missing)} file(s), first {missing[0]} (parameter "
-            f"{expected[missing[0]]}); a {config.num_layers}-layer config expects {len(paths)} "
-            f"files {tensor_filename(0)} .. {tensor_filename(len(paths) - 1)}"
+            f"{os.path.dirname(groups[0][1][0])}: holds per-host files (_000 .. "
+            f"_{len(groups[0][1]) - 1:03d}); open it with checkpoint_file_groups / open_leaf"
         )
-    extra = sorted(present - set(expected))
-    if extra:
-        raise CheckpointError(
-            f"{ckpt}: unexpected file(s) {extra[:5]}; a {config.num_layers}-layer config expects "
-            f"exactly {tensor_filename(0)} .. {tensor_filename(len(paths) - 1)}. Is config.json "
-            f"right for this checkpoint?"
-        )
-    return [(p, os.path.join(ckpt, tensor_filename(i))) for i, p in enumerate(paths)]
+    return [(path, files[0]) for path, files in groups]
 
 
 def read_checkpoint(directory, config: ModelConfig) -> dict:
