@@ -18,7 +18,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import layers
+from grok1 import kernels, layers
 from grok1.attention import Attention
 from grok1.config import ModelConfig
 from grok1.moe import MoE
@@ -140,12 +140,12 @@ class DecoderLayer(hk.Module):
         self.formats = formats.as_dict()
         self.moe_strategy = moe_strategy
 
-    def __call__(self, h, positions, mask, cache=None):
+    def __call__(self, h, positions, mask, cache=None, experts=None):
         c = self.config
         norm = lambda i, x: RMSNorm(c.norm_eps, name=NORMS[i])(x)
         a, cache = Attention(c, self.formats)(norm(0, h), positions, mask, cache)
         h = h + norm(1, a)
-        m = MoE(c, self.formats, self.moe_strategy)(norm(2, h))
+        m = MoE(c, self.formats, self.moe_strategy)(norm(2, h), experts)
         return h + norm(3, m), cache
 
 
@@ -157,23 +157,37 @@ class Grok1:
       config: the architecture.
       formats: storage of each matrix (int8 with Gs groups, or float32).
       dtype: activation dtype, "bfloat16" (the release) or "float32".
-      moe_strategy: "auto", "gather" or "grouped" (see `grok1.moe`).
+      moe_strategy: "auto", "gather", "dense" or "grouped" (see `grok1.moe`).
+      cpu_kernels: use the native int8 expert kernels (`grok1.kernels`) for few-token steps:
+        None (default) where they apply (CPU backend, one device, int8 experts, kernels built),
+        False never. The values are the same up to float32 summation order.
     """
 
     config: ModelConfig
     formats: WeightFormats = WeightFormats()
     dtype: str = "bfloat16"
     moe_strategy: str = "auto"
+    cpu_kernels: bool | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
+    def uses_cpu_kernels(self) -> bool:
+        """Whether `apply` hands the stacked expert weights to the native CPU kernels."""
+        if self.cpu_kernels is False:
+            return False
+        quantized = all(getattr(self.formats, name).quantized for name in MOE_MATRICES)
+        single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+        return quantized and single_cpu and kernels.available()
+
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
-    def _forward(self, tokens, positions, mask, cache=None, kv_len=None, out_index=None):
+    def _forward(
+        self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, experts=None
+    ):
         c, dtype = self.config, self.compute_dtype
         embed = Embedding(c, name="embed")().astype(
             dtype
@@ -183,8 +197,9 @@ class Grok1:
         def body(carry, layer_idx):
             h, kv = carry
             layer_cache = None if kv is None else (*kv, layer_idx, kv_len)
+            layer_experts = None if experts is None else (experts, layer_idx)
             layer = DecoderLayer(c, self.formats, self.moe_strategy)
-            h, kv = layer(h, positions, mask, layer_cache)
+            h, kv = layer(h, positions, mask, layer_cache, layer_experts)
             return (h, kv), None
 
         stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name="layers")
@@ -207,8 +222,18 @@ class Grok1:
         keys/values are written at slots `positions`, and the first `kv_len` (static) slots are
         attended (S = kv_len). out_index: optional [B, P] positions whose logits are wanted.
         Returns (logits [B, T or P, V] in the compute dtype, updated cache or None).
+
+        With the CPU kernels (`uses_cpu_kernels`), the expert matrices bypass the layer scan's
+        per-layer slicing (which would copy a whole layer of experts per step) and reach the MoE
+        whole, [L, E, ...], with the layer index.
         """
-        return self.transformed().apply(params, tokens, positions, mask, cache, kv_len, out_index)
+        experts = None
+        if self.uses_cpu_kernels():
+            params = dict(params)
+            experts = {name: params.pop(matrix_module(name)) for name in MOE_MATRICES}
+        return self.transformed().apply(
+            params, tokens, positions, mask, cache, kv_len, out_index, experts
+        )
 
     def init(self, key, batch: int = 1, length: int = 4):
         """Random parameters (tests, demos and benchmarks)."""

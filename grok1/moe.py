@@ -25,11 +25,14 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import layers
+from grok1 import kernels, layers
 from grok1.config import ModelConfig
 
 F32, BF16 = layers.F32, layers.BF16
 STRATEGIES = ("auto", "gather", "dense", "grouped")
+# Up to this many (token, slot) rows the native CPU kernel runs the experts; beyond it (prefill)
+# the products are compute-bound and XLA's dots are faster.
+KERNEL_MAX_ROWS = 64
 
 
 def route(z: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -130,6 +133,31 @@ def experts_grouped(z, idx, gate_p, up_p, down_p, dtype):
     return unsorted.reshape(n, k, -1)
 
 
+def experts_kernel(z, idx, layer, stacked, dtype):
+    """The native CPU kernel (`grok1.kernels`) on the whole stack of experts.
+
+    z: [N, D]; idx: [N, k]; layer: scalar int; stacked: {"gate", "up", "down"} raw leaves with
+    leading [L, E] axes. Each (token, slot) row selects matrix `layer * E + expert`; rows that
+    select the same expert share one pass over its int8 bytes. Returns [N, k, D] float32.
+    """
+    n, k = idx.shape
+    num_experts = stacked["gate"]["w"].shape[1]
+    sel = (layer * num_experts + idx).reshape(n * k).astype(jnp.int32)
+    flat = {
+        name: {leaf: a.reshape(-1, *a.shape[2:]) for leaf, a in p.items()}  # [L·E, In, Out]
+        for name, p in stacked.items()
+    }
+
+    def product(x, name, rounded):
+        return kernels.q8_matmul(x, flat[name]["w"], flat[name]["scales"], sel, rounded)
+
+    x = jnp.repeat(z.astype(F32), k, axis=0)  # [N·k, D], row n·k + j is (token n, slot j)
+    g = product(x, "gate", dtype == BF16).astype(dtype)
+    u = product(x, "up", dtype == BF16).astype(dtype)
+    o = product(expert_hidden(u, g), "down", dtype == BF16)  # the release's f32 down-projection
+    return o.reshape(n, k, -1)
+
+
 def choose_strategy(strategy: str, num_tokens: int, k: int, num_experts: int) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -149,7 +177,11 @@ class MoE(hk.Module):
         self.formats = formats
         self.strategy = strategy
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, experts=None) -> jax.Array:
+        """z: [B, T, D]. experts: None (the matrices are this module's parameters) or
+        (stacked raw leaves with leading [L, E] axes, layer index), from `Grok1.apply` when it
+        uses the CPU kernels.
+        """
         c = self.config
         b, t, d = z.shape
         e, f = c.num_experts, c.ffn_size
@@ -158,16 +190,29 @@ class MoE(hk.Module):
         )
         flat = z.reshape(b * t, d)
         gates, idx = route(flat, router_w, c.num_selected_experts)
+        if experts is not None:
+            stacked, layer = experts
+            if b * t * c.num_selected_experts <= KERNEL_MAX_ROWS:
+                o = experts_kernel(flat, idx, layer, stacked, z.dtype)
+                return combine(o, gates).reshape(b, t, d)
+            raw = {  # this layer's slice, read inside the fusions that use it
+                name: {leaf: a[layer] for leaf, a in stacked[name].items()}
+                for name in ("gate", "up", "down")
+            }
+            return self._experts(flat, gates, idx, raw).reshape(b, t, d)
         mats = {
             "gate": layers.Matrix(d, f, self.formats["gate"], lead=(e,), name="gate"),
             "up": layers.Matrix(d, f, self.formats["up"], lead=(e,), name="up"),
             "down": layers.Matrix(f, d, self.formats["down"], lead=(e,), name="down"),
         }
         raw = {name: m.params() for name, m in mats.items()}
-        strategy = choose_strategy(self.strategy, b * t, c.num_selected_experts, e)
+        return self._experts(flat, gates, idx, raw).reshape(b, t, d)
+
+    def _experts(self, flat, gates, idx, raw):
+        """[N, D] -> [N, D] bf16 through the chosen pure-JAX strategy."""
+        n, k = idx.shape
+        strategy = choose_strategy(self.strategy, n, k, self.config.num_experts)
         if strategy == "dense":
-            out = experts_dense(flat, idx, gates, raw["gate"], raw["up"], raw["down"], z.dtype)
-            return out.reshape(b, t, d)
+            return experts_dense(flat, idx, gates, raw["gate"], raw["up"], raw["down"], flat.dtype)
         fn = experts_gather if strategy == "gather" else experts_grouped
-        o = fn(flat, idx, raw["gate"], raw["up"], raw["down"], z.dtype)
-        return combine(o, gates).reshape(b, t, d)
+        return combine(fn(flat, idx, raw["gate"], raw["up"], raw["down"], flat.dtype), gates)

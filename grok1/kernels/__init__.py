@@ -1,0 +1,115 @@
+"""Native CPU kernels, built on first use with the system C++ compiler.
+
+XLA:CPU turns an int8 weight into float32 in memory before multiplying it, which moves several
+bytes per one-byte weight; `q8_matmul.cc` dequantises in registers instead (see that file). It is
+an XLA FFI custom call, compiled once per machine into a cache directory and registered with
+JAX. Everything here is optional: without a compiler, on a non-CPU backend, or with
+`GROK1_CPU_KERNELS=0`, `available()` is False and the model uses its pure-JAX paths, which
+compute the same values (up to float32 summation order).
+
+Environment: `GROK1_CPU_KERNELS=0` disables the kernels; `GROK1_CACHE_DIR` (default
+`$XDG_CACHE_HOME/grok1` or `~/.cache/grok1`) holds the built library; `CXX` names the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "grok1_q8_matmul"
+SOURCE = Path(__file__).with_name("q8_matmul.cc")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "reason": str, "library": ctypes.CDLL
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("GROK1_CACHE_DIR"):
+        return Path(os.environ["GROK1_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "grok1"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux) or the platform string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _build(cxx: str) -> Path:
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), include.encode(), jax.__version__.encode(),
+                 version.stdout.encode(), _cpu_signature().encode()):  # fmt: skip
+        key.update(part)
+    target = _cache_dir() / f"q8_matmul-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+               "-I", include, str(SOURCE), "-o", tmp]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders never see a partial library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> None:
+    if os.environ.get("GROK1_CPU_KERNELS", "1") == "0":
+        raise RuntimeError("disabled by GROK1_CPU_KERNELS=0")
+    library = ctypes.cdll.LoadLibrary(str(_build(os.environ.get("CXX", "c++"))))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Grok1Q8Matmul), platform="cpu")
+    _state["library"] = library
+
+
+def available() -> bool:
+    """Whether the CPU kernels are built and registered (builds them on the first call)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _load()
+                _state.update(ok=True, reason="")
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+        return _state["ok"]
+
+
+def status() -> str:
+    """A line saying whether the kernels are in use, and why not."""
+    return "built and registered" if available() else f"not available ({_state['reason']})"
+
+
+def q8_matmul(x: jax.Array, q: jax.Array, scales: jax.Array, sel: jax.Array, rounded: bool):
+    """Row r of the result is `x[r] @ W[sel[r]]` in float32, `W[m] = q[m] * scales[m]` per group.
+
+    x: [R, I] float32; q: [M, I, O] int8; scales: [M, G, O] bfloat16, G dividing I; sel: [R]
+    int32 in [0, M). `rounded` rounds each dequantised weight to bfloat16 first (SPEC.md §4).
+    Rows that select the same matrix share one pass over its bytes. CPU only; call
+    `available()` first.
+    """
+    r, o = x.shape[0], q.shape[-1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((r, o), jnp.float32))
+    return call(x.astype(jnp.float32), q, scales, sel.astype(jnp.int32), rounded=bool(rounded))
