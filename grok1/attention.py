@@ -58,23 +58,34 @@ class Attention(hk.Module):
         self.config = config
         self.formats = formats
 
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, mask, cache=None, stacked=None):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
 
         cache: None (keys are this call's tokens, S = T) or a tuple
         (k_cache [L, B, Sc, K, Dh], v_cache, layer, kv_len) where kv_len is the static number of
-        leading slots to attend over (S = kv_len). Returns (out [B, T, D], (k_cache, v_cache)).
+        leading slots to attend over (S = kv_len). stacked: None or `layers.Stacked` holding
+        some of this module's matrices whole (the CPU kernel path of `Grok1.apply`).
+        Returns (out [B, T, D], (k_cache, v_cache)).
         """
         c = self.config
+        dtype = x.dtype
+
+        def project(name, x, n_out):  # a closure, not a method: Haiku would add "~_method" scopes
+            b, t, n_in = x.shape
+            if stacked is not None and name in stacked.leaves:
+                if b * t <= layers.KERNEL_MAX_ROWS:
+                    flat = x.reshape(b * t, n_in).astype(layers.F32)
+                    y = stacked.matmul(flat, name, None, dtype, rounded=dtype != layers.F32)
+                    return y.reshape(b, t, n_out)
+                w = layers.matrix(stacked.layer_params(name), dtype)
+            else:
+                w = layers.Matrix(n_in, n_out, self.formats[name], name=name)(dtype)
+            return layers.dot("btd,df->btf", x, w, dtype)
+
         b, t, d = x.shape
-
-        def project(name, n_out):  # a closure, not a method: Haiku would add "~_method" scopes
-            w = layers.Matrix(d, n_out, self.formats[name], name=name)(x.dtype)
-            return layers.dot("btd,df->btf", x, w, x.dtype)
-
-        q = project("query", c.num_q_heads * c.key_size)
-        k = project("key", c.num_kv_heads * c.key_size)
-        v = project("value", c.num_kv_heads * c.key_size)
+        q = project("query", x, c.num_q_heads * c.key_size)
+        k = project("key", x, c.num_kv_heads * c.key_size)
+        v = project("value", x, c.num_kv_heads * c.key_size)
         q = layers.rope(q.reshape(b, t, c.num_q_heads, c.key_size), positions, c.rope_base)
         k = layers.rope(k.reshape(b, t, c.num_kv_heads, c.key_size), positions, c.rope_base)
         v = v.reshape(b, t, c.num_kv_heads, c.key_size)
@@ -84,8 +95,7 @@ class Attention(hk.Module):
             k_cache = write_cache(k_cache, k, layer, positions)
             v_cache = write_cache(v_cache, v, layer, positions)
             new_cache = (k_cache, v_cache)
-            k = k_cache[layer, :, :kv_len].astype(x.dtype)
-            v = v_cache[layer, :, :kv_len].astype(x.dtype)
+            k = k_cache[layer, :, :kv_len].astype(dtype)
+            v = v_cache[layer, :, :kv_len].astype(dtype)
         o = attend(q, k, v, mask, c)
-        w_o = layers.Matrix(o.shape[-1], d, self.formats["linear"], name="linear")(x.dtype)
-        return layers.dot("btf,fd->btd", o, w_o, x.dtype), new_cache
+        return project("linear", o, d), new_cache

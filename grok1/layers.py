@@ -11,9 +11,15 @@ import dataclasses
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from grok1 import kernels
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
+# Up to this many rows (tokens, or (token, slot) pairs for experts) a product runs in the native
+# CPU kernel; beyond it (prefill) products are compute-bound and XLA's dots are faster.
+KERNEL_MAX_ROWS = 64
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -137,6 +143,36 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
                       matrix(part, weight_dtype, rounded), F32)  # fmt: skip
         acc = partial if acc is None else acc + partial
     return acc.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+    """int8 matrices handed whole to a layer inside the layer scan (see `Grok1.apply`).
+
+    Attributes:
+      leaves: {matrix name: {"w", "scales"}} with the leading [L, ...] axes of the stack.
+      layer: this layer's index (a traced scalar).
+    """
+
+    leaves: dict
+    layer: jax.Array
+
+    def layer_params(self, name: str) -> dict:
+        """This layer's raw leaves of one matrix (a slice read inside the fusions that use it)."""
+        return {leaf: a[self.layer] for leaf, a in self.leaves[name].items()}
+
+    def matmul(self, x: jax.Array, name: str, index, out_dtype, rounded: bool) -> jax.Array:
+        """Row r of x [R, In] times this layer's matrix `index[r]` (into the axes between [L]
+        and [In, Out]; None for a plain [L, In, Out] stack), in the native kernel. float32 out
+        rounded to out_dtype."""
+        leaves = self.leaves[name]
+        w, scales = leaves["w"], leaves["scales"]
+        per_layer = int(np.prod(w.shape[1:-2], dtype=np.int64))
+        sel = self.layer * per_layer + (0 if index is None else index)
+        sel = jnp.broadcast_to(sel, (x.shape[0],)).astype(jnp.int32)
+        q = w.reshape(-1, *w.shape[-2:])
+        s = scales.reshape(-1, *scales.shape[-2:])
+        return kernels.q8_matmul(x, q, s, sel, rounded).astype(out_dtype)
 
 
 def compute_constant(value: float, dtype) -> jax.Array:

@@ -140,12 +140,12 @@ class DecoderLayer(hk.Module):
         self.formats = formats.as_dict()
         self.moe_strategy = moe_strategy
 
-    def __call__(self, h, positions, mask, cache=None, experts=None):
+    def __call__(self, h, positions, mask, cache=None, stacked=None):
         c = self.config
         norm = lambda i, x: RMSNorm(c.norm_eps, name=NORMS[i])(x)
-        a, cache = Attention(c, self.formats)(norm(0, h), positions, mask, cache)
+        a, cache = Attention(c, self.formats)(norm(0, h), positions, mask, cache, stacked)
         h = h + norm(1, a)
-        m = MoE(c, self.formats, self.moe_strategy)(norm(2, h), experts)
+        m = MoE(c, self.formats, self.moe_strategy)(norm(2, h), stacked)
         return h + norm(3, m), cache
 
 
@@ -158,9 +158,9 @@ class Grok1:
       formats: storage of each matrix (int8 with Gs groups, or float32).
       dtype: activation dtype, "bfloat16" (the release) or "float32".
       moe_strategy: "auto", "gather", "dense" or "grouped" (see `grok1.moe`).
-      cpu_kernels: use the native int8 expert kernels (`grok1.kernels`) for few-token steps:
-        None (default) where they apply (CPU backend, one device, int8 experts, kernels built),
-        False never. The values are the same up to float32 summation order.
+      cpu_kernels: use the native int8 matrix kernel (`grok1.kernels`) for few-token steps:
+        None (default) where it applies (CPU backend, one device, kernel built; int8 matrices
+        only), False never. The values are the same up to float32 summation order.
     """
 
     config: ModelConfig
@@ -173,20 +173,20 @@ class Grok1:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
-    def uses_cpu_kernels(self) -> bool:
-        """Whether `apply` hands the stacked expert weights to the native CPU kernels."""
-        if self.cpu_kernels is False:
-            return False
-        quantized = all(getattr(self.formats, name).quantized for name in MOE_MATRICES)
+    def kernel_matrices(self) -> tuple[str, ...]:
+        """The matrices `apply` hands whole to the native CPU kernel (none where it does not
+        apply)."""
         single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-        return quantized and single_cpu and kernels.available()
+        if self.cpu_kernels is False or not single_cpu or not kernels.available():
+            return ()
+        return tuple(name for name in MATRICES if getattr(self.formats, name).quantized)
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
     def _forward(
-        self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, experts=None
+        self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, stacked=None
     ):
         c, dtype = self.config, self.compute_dtype
         embed = Embedding(c, name="embed")().astype(
@@ -197,9 +197,9 @@ class Grok1:
         def body(carry, layer_idx):
             h, kv = carry
             layer_cache = None if kv is None else (*kv, layer_idx, kv_len)
-            layer_experts = None if experts is None else (experts, layer_idx)
+            whole = None if stacked is None else layers.Stacked(stacked, layer_idx)
             layer = DecoderLayer(c, self.formats, self.moe_strategy)
-            h, kv = layer(h, positions, mask, layer_cache, layer_experts)
+            h, kv = layer(h, positions, mask, layer_cache, whole)
             return (h, kv), None
 
         stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name="layers")
@@ -223,16 +223,16 @@ class Grok1:
         attended (S = kv_len). out_index: optional [B, P] positions whose logits are wanted.
         Returns (logits [B, T or P, V] in the compute dtype, updated cache or None).
 
-        With the CPU kernels (`uses_cpu_kernels`), the expert matrices bypass the layer scan's
-        per-layer slicing (which would copy a whole layer of experts per step) and reach the MoE
-        whole, [L, E, ...], with the layer index.
+        With the CPU kernel (`kernel_matrices`), those matrices bypass the layer scan's
+        per-layer slicing (which would copy a whole layer of experts before every custom call)
+        and reach the layer whole, [L, ...], with the layer's index.
         """
-        experts = None
-        if self.uses_cpu_kernels():
+        stacked = None
+        if names := self.kernel_matrices():
             params = dict(params)
-            experts = {name: params.pop(matrix_module(name)) for name in MOE_MATRICES}
+            stacked = {name: params.pop(matrix_module(name)) for name in names}
         return self.transformed().apply(
-            params, tokens, positions, mask, cache, kv_len, out_index, experts
+            params, tokens, positions, mask, cache, kv_len, out_index, stacked
         )
 
     def init(self, key, batch: int = 1, length: int = 4):

@@ -25,14 +25,12 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import kernels, layers
+from grok1 import layers
 from grok1.config import ModelConfig
 
 F32, BF16 = layers.F32, layers.BF16
 STRATEGIES = ("auto", "gather", "dense", "grouped")
-# Up to this many (token, slot) rows the native CPU kernel runs the experts; beyond it (prefill)
-# the products are compute-bound and XLA's dots are faster.
-KERNEL_MAX_ROWS = 64
+MATRICES = ("gate", "up", "down")
 
 
 def route(z: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -133,28 +131,20 @@ def experts_grouped(z, idx, gate_p, up_p, down_p, dtype):
     return unsorted.reshape(n, k, -1)
 
 
-def experts_kernel(z, idx, layer, stacked, dtype):
+def experts_kernel(z, idx, stacked: layers.Stacked, dtype):
     """The native CPU kernel (`grok1.kernels`) on the whole stack of experts.
 
-    z: [N, D]; idx: [N, k]; layer: scalar int; stacked: {"gate", "up", "down"} raw leaves with
-    leading [L, E] axes. Each (token, slot) row selects matrix `layer * E + expert`; rows that
-    select the same expert share one pass over its int8 bytes. Returns [N, k, D] float32.
+    z: [N, D]; idx: [N, k]; stacked: holds "gate", "up" and "down" with leading [L, E] axes.
+    Each (token, slot) row selects its expert of this layer; rows that select the same expert
+    share one pass over its int8 bytes. Returns [N, k, D] float32.
     """
     n, k = idx.shape
-    num_experts = stacked["gate"]["w"].shape[1]
-    sel = (layer * num_experts + idx).reshape(n * k).astype(jnp.int32)
-    flat = {
-        name: {leaf: a.reshape(-1, *a.shape[2:]) for leaf, a in p.items()}  # [L·E, In, Out]
-        for name, p in stacked.items()
-    }
-
-    def product(x, name, rounded):
-        return kernels.q8_matmul(x, flat[name]["w"], flat[name]["scales"], sel, rounded)
-
+    sel = idx.reshape(n * k)
+    rounded = dtype == BF16
     x = jnp.repeat(z.astype(F32), k, axis=0)  # [N·k, D], row n·k + j is (token n, slot j)
-    g = product(x, "gate", dtype == BF16).astype(dtype)
-    u = product(x, "up", dtype == BF16).astype(dtype)
-    o = product(expert_hidden(u, g), "down", dtype == BF16)  # the release's f32 down-projection
+    g = stacked.matmul(x, "gate", sel, dtype, rounded)
+    u = stacked.matmul(x, "up", sel, dtype, rounded)
+    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, rounded)  # f32 down-projection
     return o.reshape(n, k, -1)
 
 
@@ -177,10 +167,9 @@ class MoE(hk.Module):
         self.formats = formats
         self.strategy = strategy
 
-    def __call__(self, z: jax.Array, experts=None) -> jax.Array:
-        """z: [B, T, D]. experts: None (the matrices are this module's parameters) or
-        (stacked raw leaves with leading [L, E] axes, layer index), from `Grok1.apply` when it
-        uses the CPU kernels.
+    def __call__(self, z: jax.Array, stacked: layers.Stacked | None = None) -> jax.Array:
+        """z: [B, T, D]. stacked: None, or `layers.Stacked` holding some of the expert matrices
+        whole (the CPU kernel path of `Grok1.apply`); the others are this module's parameters.
         """
         c = self.config
         b, t, d = z.shape
@@ -190,22 +179,17 @@ class MoE(hk.Module):
         )
         flat = z.reshape(b * t, d)
         gates, idx = route(flat, router_w, c.num_selected_experts)
-        if experts is not None:
-            stacked, layer = experts
-            if b * t * c.num_selected_experts <= KERNEL_MAX_ROWS:
-                o = experts_kernel(flat, idx, layer, stacked, z.dtype)
-                return combine(o, gates).reshape(b, t, d)
-            raw = {  # this layer's slice, read inside the fusions that use it
-                name: {leaf: a[layer] for leaf, a in stacked[name].items()}
-                for name in ("gate", "up", "down")
-            }
-            return self._experts(flat, gates, idx, raw).reshape(b, t, d)
-        mats = {
-            "gate": layers.Matrix(d, f, self.formats["gate"], lead=(e,), name="gate"),
-            "up": layers.Matrix(d, f, self.formats["up"], lead=(e,), name="up"),
-            "down": layers.Matrix(f, d, self.formats["down"], lead=(e,), name="down"),
+        held = () if stacked is None else tuple(n for n in MATRICES if n in stacked.leaves)
+        if len(held) == len(MATRICES) and b * t * idx.shape[1] <= layers.KERNEL_MAX_ROWS:
+            o = experts_kernel(flat, idx, stacked, z.dtype)
+            return combine(o, gates).reshape(b, t, d)
+        shapes = {"gate": (d, f), "up": (d, f), "down": (f, d)}
+        raw = {
+            name: stacked.layer_params(name)
+            if name in held
+            else layers.Matrix(*shapes[name], self.formats[name], lead=(e,), name=name).params()
+            for name in MATRICES
         }
-        raw = {name: m.params() for name, m in mats.items()}
         return self._experts(flat, gates, idx, raw).reshape(b, t, d)
 
     def _experts(self, flat, gates, idx, raw):
