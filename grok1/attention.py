@@ -51,12 +51,21 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: j
 
 
 class Attention(hk.Module):
-    """The release's `multi_head_attention`: query/key/value/linear matrices, no biases."""
+    """The release's `multi_head_attention`: query/key/value/linear matrices, no biases.
 
-    def __init__(self, config: ModelConfig, formats: dict, name: str = "attention"):
+    The output is bf16(o @ Wo) in the compute dtype, except under rounding="release" with an int8
+    `linear` matrix: the release's compiled program (XLA's default flags) feeds the float32 dot
+    result straight into the post-attention RMSNorm, so the output is returned in float32,
+    unrounded. (With a plain float32 matrix the release's output stays rounded.)
+    """
+
+    def __init__(
+        self, config: ModelConfig, formats: dict, rounding: str = "release", name="attention"
+    ):
         super().__init__(name=name)
         self.config = config
         self.formats = formats
+        self.rounding = rounding
 
     def __call__(self, x, positions, mask, cache=None):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
@@ -87,5 +96,7 @@ class Attention(hk.Module):
             k = k_cache[layer, :, :kv_len].astype(x.dtype)
             v = v_cache[layer, :, :kv_len].astype(x.dtype)
         o = attend(q, k, v, mask, c)
-        w_o = layers.Matrix(o.shape[-1], d, self.formats["linear"], name="linear")(x.dtype)
-        return layers.dot("btf,fd->btd", o, w_o, x.dtype), new_cache
+        fmt = self.formats["linear"]
+        w_o = layers.Matrix(o.shape[-1], d, fmt, name="linear")(x.dtype)
+        out_dtype = layers.F32 if self.rounding == "release" and fmt.quantized else x.dtype
+        return layers.dot("btf,fd->btd", o, w_o, out_dtype), new_cache
