@@ -270,6 +270,7 @@ def load(
     dtype: str = "bfloat16",
     config: ModelConfig | None = None,
     moe_strategy: str = "auto",
+    rounding: str = "release",
     tokenizer=None,
     max_bucket: int = 1024,
     progress=None,
@@ -281,6 +282,8 @@ def load(
       dtype: "bfloat16" (the release's numerics) or "float32".
       config: overrides the directory's config.
       moe_strategy: "auto", "gather" or "grouped" (see `grok1.moe`).
+      rounding: "release" (the release's default-flag numerics) or "strict" (every rounding of
+        SPEC.md §2); see `grok1.model.Grok1`.
       tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model.
       mesh: a `jax.sharding.Mesh` or a dict of axis sizes such as {"data": 1, "model": 8};
         None keeps everything on the first device.
@@ -311,7 +314,7 @@ def load(
     params, formats = loader.load_params(
         path, config, dtype=dtype, shardings=shardings, progress=progress or None
     )
-    grok = Grok1(config, formats, dtype=dtype, moe_strategy=moe_strategy)
+    grok = Grok1(config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding)
     if isinstance(tokenizer, str | os.PathLike):
         from grok1.tokenizer import Tokenizer
 

@@ -51,12 +51,21 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: j
 
 
 class Attention(hk.Module):
-    """The release's `multi_head_attention`: query/key/value/linear matrices, no biases."""
+    """The release's `multi_head_attention`: query/key/value/linear matrices, no biases.
 
-    def __init__(self, config: ModelConfig, formats: dict, name: str = "attention"):
+    The output is bf16(o @ Wo) in the compute dtype, except under rounding="release" with an int8
+    `linear` matrix: the release's compiled program (XLA's default flags) feeds the float32 dot
+    result straight into the post-attention RMSNorm, so the output is returned in float32,
+    unrounded. (With a plain float32 matrix the release's output stays rounded.)
+    """
+
+    def __init__(
+        self, config: ModelConfig, formats: dict, rounding: str = "release", name="attention"
+    ):
         super().__init__(name=name)
         self.config = config
         self.formats = formats
+        self.rounding = rounding
 
     def __call__(self, x, positions, mask, cache=None, stacked=None):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
@@ -70,17 +79,17 @@ class Attention(hk.Module):
         c = self.config
         dtype = x.dtype
 
-        def project(name, x, n_out):  # a closure, not a method: Haiku would add "~_method" scopes
-            b, t, n_in = x.shape
+        def project(name, x, n_out, out_dtype=dtype):  # a closure: a method would get a
+            b, t, n_in = x.shape  # "~_method" Haiku scope
             if stacked is not None and name in stacked.leaves:
                 if b * t <= layers.KERNEL_MAX_ROWS:
                     flat = x.reshape(b * t, n_in).astype(layers.F32)
-                    y = stacked.matmul(flat, name, None, dtype, rounded=dtype != layers.F32)
+                    y = stacked.matmul(flat, name, None, out_dtype, rounded=dtype != layers.F32)
                     return y.reshape(b, t, n_out)
                 w = layers.matrix(stacked.layer_params(name), dtype)
             else:
                 w = layers.Matrix(n_in, n_out, self.formats[name], name=name)(dtype)
-            return layers.dot("btd,df->btf", x, w, dtype)
+            return layers.dot("btd,df->btf", x, w, out_dtype)
 
         b, t, d = x.shape
         q = project("query", x, c.num_q_heads * c.key_size)
@@ -98,4 +107,5 @@ class Attention(hk.Module):
             k = k_cache[layer, :, :kv_len].astype(dtype)
             v = v_cache[layer, :, :kv_len].astype(dtype)
         o = attend(q, k, v, mask, c)
-        return project("linear", o, d), new_cache
+        unrounded = self.rounding == "release" and self.formats["linear"].quantized
+        return project("linear", o, d, layers.F32 if unrounded else dtype), new_cache

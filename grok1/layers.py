@@ -22,11 +22,11 @@ BF16 = jnp.bfloat16
 KERNEL_MAX_ROWS = 64
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """`scale * x / rms(x)` computed in float32 and cast back to x's dtype. x: [..., D]."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None) -> jax.Array:
+    """`scale * x / rms(x)` computed in float32 and cast to `dtype` (default: x's). x: [..., D]."""
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-    return (scale.astype(F32) * y).astype(x.dtype)
+    return (scale.astype(F32) * y).astype(dtype or x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -52,6 +52,11 @@ def round_bf16(x: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
     return jax.lax.bitcast_convert_type(bits, F32)
+
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """x (float32) rounded to `dtype`'s precision but kept in float32: `round_bf16` for bf16."""
+    return round_bf16(x) if dtype == BF16 else x
 
 
 def _dots_in_f32() -> bool:

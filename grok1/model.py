@@ -25,6 +25,10 @@ from grok1.moe import MoE
 
 F32, BF16 = layers.F32, layers.BF16
 DTYPES = {"bfloat16": BF16, "float32": F32}
+# "release": the roundings the release's compiled program performs under XLA's default flags
+# (what its golden logits.npy show); "strict": every rounding of SPEC.md §2 as written (what it
+# computes with --xla_allow_excess_precision=false, logits_strict.npy). See `Grok1`.
+ROUNDINGS = ("release", "strict")
 
 STACK = "grok1/layers"
 ATTN = f"{STACK}/decoder_layer/attention"
@@ -114,9 +118,9 @@ class RMSNorm(hk.Module):
         super().__init__(name=name)
         self.eps = eps
 
-    def __call__(self, x):
+    def __call__(self, x, dtype=None):
         scale = hk.get_parameter("scale", (x.shape[-1],), F32, init=hk.initializers.Constant(1.0))
-        return layers.rms_norm(x, scale, self.eps)
+        return layers.rms_norm(x, scale, self.eps, dtype)
 
 
 class Embedding(hk.Module):
@@ -132,21 +136,45 @@ class Embedding(hk.Module):
 
 
 class DecoderLayer(hk.Module):
-    """h += norm1(attn(norm(h))); h += norm3(moe(norm2(h)))."""
+    """h += norm1(attn(norm(h))); h += norm3(moe(norm2(h))).
 
-    def __init__(self, config, formats: WeightFormats, moe_strategy: str, name="decoder_layer"):
+    Under rounding="strict", h is the residual stream in the compute dtype. Under "release" (bf16),
+    h is the float32 sum *before* its bf16 rounding: the stream itself is bf16(h), which is what
+    the next residual add reads, while the RMSNorm that follows reads h unrounded (see `Grok1`).
+    """
+
+    def __init__(
+        self, config, formats: WeightFormats, moe_strategy: str, dtype, rounding: str,
+        name="decoder_layer",
+    ):  # fmt: skip
         super().__init__(name=name)
         self.config = config
         self.formats = formats.as_dict()
         self.moe_strategy = moe_strategy
+        self.dtype = dtype
+        self.rounding = rounding
 
     def __call__(self, h, positions, mask, cache=None, stacked=None):
-        c = self.config
-        norm = lambda i, x: RMSNorm(c.norm_eps, name=NORMS[i])(x)
-        a, cache = Attention(c, self.formats)(norm(0, h), positions, mask, cache, stacked)
-        h = h + norm(1, a)
-        m = MoE(c, self.formats, self.moe_strategy)(norm(2, h), stacked)
-        return h + norm(3, m), cache
+        c, dtype = self.config, self.dtype
+        norm = lambda i, x, dt=dtype: RMSNorm(c.norm_eps, name=NORMS[i])(x, dt)
+        attn = Attention(c, self.formats, self.rounding)
+        moe = MoE(c, self.formats, self.moe_strategy, self.rounding)
+        if self.rounding == "strict":  # additions rounded explicitly: XLA would skip the
+            add = lambda x, y: _rounded_sum(x, y, dtype)  # rounding that the norm reads
+            a, cache = attn(norm(0, h), positions, mask, cache, stacked)
+            h = add(h, norm(1, a))
+            m = moe(norm(2, h), stacked)
+            return add(h, norm(3, m, m.dtype)), cache
+        a, cache = attn(norm(0, h), positions, mask, cache, stacked)
+        h = layers.round_to(h, dtype) + norm(1, a).astype(F32)
+        m = moe(norm(2, h), stacked)
+        # the MoE output is bf16 in both modes, so rms_norm_3's output is too (SPEC.md §2)
+        return layers.round_to(h, dtype) + norm(3, m, m.dtype).astype(F32), cache
+
+
+def _rounded_sum(x, y, dtype):
+    """x + y rounded to `dtype` by `layers.round_to` (a rounding no compiler rewrite drops)."""
+    return layers.round_to(x.astype(F32) + y.astype(F32), dtype).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,17 +189,39 @@ class Grok1:
       cpu_kernels: use the native int8 matrix kernel (`grok1.kernels`) for few-token steps:
         None (default) where it applies (CPU backend, one device, kernel built; int8 matrices
         only), False never. The values are the same up to float32 summation order.
+      rounding: which bf16 roundings of SPEC.md §2 happen (bf16 mode; float32 mode is the same
+        under both):
+        * "strict": every one, as written; this is the release compiled with
+          XLA_FLAGS=--xla_allow_excess_precision=false (its logits_strict.npy).
+        * "release" (default): those that the release's compiled program keeps under XLA's
+          default flags (its logits.npy). There XLA:CPU computes bf16 arithmetic in float32 and
+          lets a written `astype(float32)` of a bf16 op's result read the float32 value
+          directly, so a rounding survives only where a bf16 value reaches a bf16 consumer
+          (another bf16 op, a dot operand, a reshape or transpose, a program output). Measured
+          on the release's structure, three roundings go: (1) every RMSNorm that reads the
+          residual stream (the two pre-norms, the final norm) sees the residual add, and the
+          embedding times its multiplier, unrounded, while the stream keeps the rounded value
+          for the next add; (2) the post-attention RMSNorm reads the output projection's
+          float32 result when `linear` is int8 (a plain float32 matrix keeps the rounding);
+          (3) the MoE down-projection uses the exact dequantised int8 weight, not bf16(q * s).
+          Everything else (projections, RoPE, scores, probabilities, gates, MoE output, norm
+          outputs, logits) is rounded as in "strict". This reproduces the single-device golden
+          logits bit for bit when layers are unrolled; with our scanned layer stack, float32
+          summation-order differences flip occasional bf16 roundings, and that noise remains.
     """
 
     config: ModelConfig
     formats: WeightFormats = WeightFormats()
     dtype: str = "bfloat16"
     moe_strategy: str = "auto"
+    rounding: str = "release"
     cpu_kernels: bool | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     def kernel_matrices(self) -> tuple[str, ...]:
         """The matrices `apply` hands whole to the native CPU kernel (none where it does not
@@ -192,13 +242,16 @@ class Grok1:
         embed = Embedding(c, name="embed")().astype(
             dtype
         )  # bf16(Emb) in bf16 mode (also for the tied output)
-        h = embed[tokens] * layers.compute_constant(c.embedding_multiplier_scale, dtype)
+        c_in = layers.compute_constant(c.embedding_multiplier_scale, dtype)
+        h = embed[tokens].astype(F32) * c_in.astype(F32)
+        if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded
+            h = layers.round_to(h, dtype).astype(dtype)
 
         def body(carry, layer_idx):
             h, kv = carry
             layer_cache = None if kv is None else (*kv, layer_idx, kv_len)
             whole = None if stacked is None else layers.Stacked(stacked, layer_idx)
-            layer = DecoderLayer(c, self.formats, self.moe_strategy)
+            layer = DecoderLayer(c, self.formats, self.moe_strategy, dtype, self.rounding)
             h, kv = layer(h, positions, mask, layer_cache, whole)
             return (h, kv), None
 
@@ -206,9 +259,12 @@ class Grok1:
         (h, cache), _ = stack(body)((h, cache), jnp.arange(c.num_layers))
         if out_index is not None:  # [B, P]: only these positions reach the unembedding
             h = jnp.take_along_axis(h, out_index[:, :, None], axis=1)
-        h = RMSNorm(c.norm_eps, name="final_norm")(h)
+        h = RMSNorm(c.norm_eps, name="final_norm")(h, dtype)
         logits = layers.dot("btd,vd->btv", h, embed, dtype)
-        logits = logits * layers.compute_constant(c.output_multiplier_scale, dtype)
+        c_out = layers.compute_constant(c.output_multiplier_scale, dtype)
+        # rounded explicitly, so that a consumer inside the same program (the engine's sampler)
+        # sees bf16(logits * c_out) too and not XLA's unrounded float32 product
+        logits = layers.round_to(logits.astype(F32) * c_out.astype(F32), dtype).astype(dtype)
         return logits, cache
 
     def transformed(self) -> hk.Transformed:

@@ -6,6 +6,7 @@ F expert hidden size, Gs scale groups. Expert e computes (SPEC.md §2)
 
     u = f32(round(z @ Wv_e)),  g = gelu_tanh(f32(round(z @ Wg_e))),  o = (u * g) @ f32(Wd_e)
 
+(Wd_e exact, not rounded, for int8 weights under rounding="release": see `round_down_weight`)
 and a token's output is round(Σ_slots f32(bf16(gate)) * o), `round` being to the activation
 dtype and the final one always to bfloat16 (as the release's casts do).
 
@@ -61,13 +62,27 @@ def _cpu_blocks() -> int:
     return 16 if jax.default_backend() == "cpu" else 1
 
 
-def experts_gather(z, idx, gate_p, up_p, down_p, dtype):
+def round_down_weight(down_p: dict, dtype, rounding: str) -> bool:
+    """Whether the float32 down-projection uses bf16(W) (bf16 mode) or the exact dequantised W.
+
+    SPEC.md §2 writes `o = h @ f32(Wd_e)` with Wd_e = bf16(bf16(q) * s). Under XLA's default
+    flags the release's compiled program widens the bf16 product `q * s` straight into the
+    float32 dot, so that rounding is dropped for int8 weights (rounding="release"); a plain
+    float32 matrix is still cast to bf16 first. "strict" keeps the rounding.
+    """
+    if dtype != BF16:
+        return False
+    return rounding == "strict" or "scales" not in down_p
+
+
+def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
     """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis. Returns [N, k, D].
 
     One 2-D product per (token, slot), unrolled (N·k is small here): batched matrix-vector
     products take a slow path on XLA:CPU.
     """
     n, k = idx.shape
+    round_down = dtype == BF16 if round_down is None else round_down
     blocks = _cpu_blocks() if n == 1 else 1  # one token: latency; more would bloat the program
     rows = []
     for i in range(n):
@@ -78,19 +93,20 @@ def experts_gather(z, idx, gate_p, up_p, down_p, dtype):
             g = layers.matmul(x, pick(gate_p), dtype, dtype, blocks=blocks)
             u = layers.matmul(x, pick(up_p), dtype, dtype, blocks=blocks)
             h = expert_hidden(u, g)
-            o = layers.matmul(h, pick(down_p), F32, F32, rounded=dtype == BF16, blocks=blocks)
+            o = layers.matmul(h, pick(down_p), F32, F32, rounded=round_down, blocks=blocks)
             slots.append(o)  # [1, D]
         rows.append(jnp.stack(slots, axis=1))  # [1, k, D]
     return jnp.concatenate(rows, axis=0)
 
 
-def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype):
+def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=None):
     """Every token through every expert that some token uses, one expert at a time (a loop
     whose unused iterations are skipped), weighted by the token's gate for it (0 if not
     selected). Reads each used expert once; compute grows with N x used experts, which suits
     decode batches and XLA:CPU, whose ragged dots are slow. Returns [N, D] bf16 (combined).
     """
     n, k = idx.shape
+    round_down = dtype == BF16 if round_down is None else round_down
     num_experts = gate_p["w"].shape[0]
     rows = jnp.arange(n)[:, None]
     weight = jnp.zeros((n, num_experts), F32).at[rows, idx].add(gates.astype(BF16).astype(F32))
@@ -101,7 +117,7 @@ def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype):
         g = layers.matmul(z, pick(gate_p), dtype, dtype)  # row blocks measured slower here
         u = layers.matmul(z, pick(up_p), dtype, dtype)
         h = expert_hidden(u, g)
-        o = layers.matmul(h, pick(down_p), F32, F32, rounded=dtype == BF16)
+        o = layers.matmul(h, pick(down_p), F32, F32, rounded=round_down)
         return acc + weight[:, e, None] * o
 
     body = lambda e, acc: jax.lax.cond(used[e], expert, lambda _, a: a, e, acc)  # noqa: E731
@@ -109,7 +125,7 @@ def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype):
     return out.astype(BF16)
 
 
-def experts_grouped(z, idx, gate_p, up_p, down_p, dtype):
+def experts_grouped(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
     """Sort (token, slot) pairs by expert and use ragged dots. Same contract as experts_gather."""
     n, k = idx.shape
     num_experts = gate_p["w"].shape[0]
@@ -125,26 +141,27 @@ def experts_grouped(z, idx, gate_p, up_p, down_p, dtype):
 
     g = rdot(xs, layers.matrix(gate_p, dtype), dtype)  # [N·k, F]
     u = rdot(xs, layers.matrix(up_p, dtype), dtype)
-    w_down = layers.matrix(down_p, F32, rounded=dtype == BF16)
+    round_down = dtype == BF16 if round_down is None else round_down
+    w_down = layers.matrix(down_p, F32, rounded=round_down)
     o = rdot(expert_hidden(u, g), w_down, F32)  # [N·k, D]
     unsorted = jnp.zeros_like(o).at[order].set(o)
     return unsorted.reshape(n, k, -1)
 
 
-def experts_kernel(z, idx, stacked: layers.Stacked, dtype):
+def experts_kernel(z, idx, stacked: layers.Stacked, dtype, round_down: bool):
     """The native CPU kernel (`grok1.kernels`) on the whole stack of experts.
 
     z: [N, D]; idx: [N, k]; stacked: holds "gate", "up" and "down" with leading [L, E] axes.
     Each (token, slot) row selects its expert of this layer; rows that select the same expert
-    share one pass over its int8 bytes. Returns [N, k, D] float32.
+    share one pass over its int8 bytes. `round_down`: see `round_down_weight`. Returns
+    [N, k, D] float32.
     """
     n, k = idx.shape
     sel = idx.reshape(n * k)
-    rounded = dtype == BF16
     x = jnp.repeat(z.astype(F32), k, axis=0)  # [N·k, D], row n·k + j is (token n, slot j)
-    g = stacked.matmul(x, "gate", sel, dtype, rounded)
-    u = stacked.matmul(x, "up", sel, dtype, rounded)
-    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, rounded)  # f32 down-projection
+    g = stacked.matmul(x, "gate", sel, dtype, rounded=dtype == BF16)
+    u = stacked.matmul(x, "up", sel, dtype, rounded=dtype == BF16)
+    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, rounded=round_down)
     return o.reshape(n, k, -1)
 
 
@@ -161,11 +178,14 @@ def choose_strategy(strategy: str, num_tokens: int, k: int, num_experts: int) ->
 class MoE(hk.Module):
     """The release's `moe` block plus its `router`: [B, T, D] -> [B, T, D] (bf16)."""
 
-    def __init__(self, config: ModelConfig, formats: dict, strategy="auto", name="moe"):
+    def __init__(
+        self, config: ModelConfig, formats: dict, strategy="auto", rounding="release", name="moe"
+    ):
         super().__init__(name=name)
         self.config = config
         self.formats = formats
         self.strategy = strategy
+        self.rounding = rounding
 
     def __call__(self, z: jax.Array, stacked: layers.Stacked | None = None) -> jax.Array:
         """z: [B, T, D]. stacked: None, or `layers.Stacked` holding some of the expert matrices
@@ -181,7 +201,8 @@ class MoE(hk.Module):
         gates, idx = route(flat, router_w, c.num_selected_experts)
         held = () if stacked is None else tuple(n for n in MATRICES if n in stacked.leaves)
         if len(held) == len(MATRICES) and b * t * idx.shape[1] <= layers.KERNEL_MAX_ROWS:
-            o = experts_kernel(flat, idx, stacked, z.dtype)
+            round_down = round_down_weight(stacked.leaves["down"], z.dtype, self.rounding)
+            o = experts_kernel(flat, idx, stacked, z.dtype, round_down)
             return combine(o, gates).reshape(b, t, d)
         shapes = {"gate": (d, f), "up": (d, f), "down": (f, d)}
         raw = {
@@ -196,7 +217,9 @@ class MoE(hk.Module):
         """[N, D] -> [N, D] bf16 through the chosen pure-JAX strategy."""
         n, k = idx.shape
         strategy = choose_strategy(self.strategy, n, k, self.config.num_experts)
+        round_down = round_down_weight(raw["down"], flat.dtype, self.rounding)
+        args = (raw["gate"], raw["up"], raw["down"], flat.dtype, round_down)
         if strategy == "dense":
-            return experts_dense(flat, idx, gates, raw["gate"], raw["up"], raw["down"], flat.dtype)
+            return experts_dense(flat, idx, gates, *args)
         fn = experts_gather if strategy == "gather" else experts_grouped
-        return combine(fn(flat, idx, raw["gate"], raw["up"], raw["down"], flat.dtype), gates)
+        return combine(fn(flat, idx, *args), gates)

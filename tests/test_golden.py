@@ -16,10 +16,10 @@ import pytest
 from tests.conftest import CASES, case_file, case_path, golden_model, prompts_of
 
 MAX_ABS = 0.25
-# Mean |diff| bound. Issue #2 asks for 0.02; we meet it on three cases and reach 0.027 on
-# case4_12layers, whose release logits differ from the release's own strict-rounding run by a
-# mean of 0.030 (XLA's excess precision under default flags decides which roundings happen).
-MEAN_ABS = 0.03
+# Mean |diff| bound (issue #2). The default rounding="release" drops the roundings that the
+# release's default-flag program drops (grok1.model.Grok1); what remains is float32
+# summation-order noise that flips occasional bf16 roundings (largest on case4_12layers, ~0.015).
+MEAN_ABS = 0.02
 
 
 def valid_mask(case):
@@ -105,7 +105,7 @@ def test_strict_rounding_matches_release_strict_run():
     code = (
         "import sys, numpy as np, grok1\n"
         "for case in sys.argv[1:]:\n"
-        "    m = grok1.load(case)\n"
+        "    m = grok1.load(case, rounding='strict')\n"
         "    t, l = np.load(case + '/tokens.npy'), np.load(case + '/lengths.npy')\n"
         "    ref = np.load(case + '/logits_strict.npy')\n"
         "    v = np.arange(t.shape[1])[None] < l[:, None]\n"
