@@ -27,10 +27,10 @@ def prompts_of(case: str) -> list[list[int]]:
 
 
 @functools.cache
-def golden_model(case: str, dtype: str = "bfloat16"):
+def golden_model(case: str, dtype: str = "bfloat16", rounding: str = "release"):
     import grok1
 
-    return grok1.load(case_path(case), dtype=dtype)
+    return grok1.load(case_path(case), dtype=dtype, rounding=rounding)
 
 
 @pytest.fixture(params=CASES)
