@@ -67,19 +67,23 @@ def test_matches_numpy_reference(rows, m, n_in, n_out, groups, rounded):
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=atol)
 
 
-def test_rounding_is_the_releases():
-    """Products that sit exactly halfway between two bf16 values round to even, as XLA's convert
-    does; a kernel that truncated or rounded half up would differ here."""
-    q = np.array([[[3], [5], [7], [-3]]], np.int8)  # [1, 4, 1]
-    scales = np.array([[[1.0 + 2.0**-7]]], ml_dtypes.bfloat16)  # 3 * s needs 9 significant bits
-    for i in range(4):
-        x = np.zeros((1, 4), np.float32)
-        x[0, i] = 1.0
-        out = kernels.q8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scales),
-                                jnp.zeros((1,), jnp.int32), True)  # fmt: skip
-        exact = float(q[0, i, 0]) * float(scales[0, 0, 0])
-        expected = float(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16))
-        assert float(out[0, 0]) == expected, (i, exact, float(out[0, 0]), expected)
+def test_rounding_is_round_to_nearest_even_for_every_int8_and_scale():
+    """Every int8 value times every bf16 significand (at several exponents), read back through
+    one-hot rows: each dequantised weight must equal bf16(q * s) as XLA's convert rounds it
+    (to nearest, ties to even), exhaustively, since the kernel rounds by a float split."""
+    q_values = np.arange(-128, 128)
+    significands = np.arange(128, 256) / 128.0
+    scales = np.concatenate([significands * 2.0**e for e in (-14, -7, 0, 5)])
+    q = np.broadcast_to(q_values[:, None], (256, scales.size)).astype(np.int8)[None]
+    s = scales.astype(ml_dtypes.bfloat16)[None, None, :]
+    x = np.eye(256, dtype=np.float32)
+    out = np.asarray(kernels.q8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s),
+                                       jnp.zeros((256,), jnp.int32), True))  # fmt: skip
+    exact = q_values[:, None].astype(np.float32) * s[0].astype(np.float32)
+    np.testing.assert_array_equal(out, bf16_round(exact))
+    unrounded = kernels.q8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s),
+                                  jnp.zeros((256,), jnp.int32), False)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(unrounded), exact)
 
 
 def test_selection_out_of_range_is_an_error():

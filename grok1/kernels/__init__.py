@@ -65,8 +65,10 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               "-I", include, str(SOURCE), "-o", tmp]  # fmt: skip
+        # -ffp-contract=off: the kernel's rounding is a float split that a fused multiply-add
+        # would silently undo (GCC contracts even intrinsics by default)
+        cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared",
+               "-fPIC", "-w", "-I", include, str(SOURCE), "-o", tmp]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
