@@ -41,13 +41,24 @@ def attend(
 def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array):
     """Writes new keys or values into one layer of a stacked cache, in place under jit.
 
-    cache: [L, B, S, K, Dh]; new: [B, T, K, Dh]; layer: scalar int; positions: [B, T] slots.
+    cache: [L, B, S, K, Dh] (bf16 stored as uint16 bits: `grok1.cache.storage_dtype`);
+    new: [B, T, K, Dh] in the activation dtype; layer: scalar int; positions: [B, T] slots.
     Slots past the end of the cache are dropped (they only ever hold padding).
     """
     b, t = positions.shape
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     layer_idx = jnp.broadcast_to(layer, (b, t))
+    if cache.dtype == jnp.uint16:
+        new = jax.lax.bitcast_convert_type(new.astype(layers.BF16), jnp.uint16)
     return cache.at[layer_idx, rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def read_cache(cache: jax.Array, layer: jax.Array, kv_len: int, dtype) -> jax.Array:
+    """The first `kv_len` slots of one layer, [B, kv_len, K, Dh] in `dtype`."""
+    x = cache[layer, :, :kv_len]
+    if cache.dtype == jnp.uint16:
+        x = jax.lax.bitcast_convert_type(x, layers.BF16)
+    return x.astype(dtype)
 
 
 class Attention(hk.Module):
@@ -104,8 +115,8 @@ class Attention(hk.Module):
             k_cache = write_cache(k_cache, k, layer, positions)
             v_cache = write_cache(v_cache, v, layer, positions)
             new_cache = (k_cache, v_cache)
-            k = k_cache[layer, :, :kv_len].astype(dtype)
-            v = v_cache[layer, :, :kv_len].astype(dtype)
+            k = read_cache(k_cache, layer, kv_len, dtype)
+            v = read_cache(v_cache, layer, kv_len, dtype)
         o = attend(q, k, v, mask, c)
         unrounded = self.rounding == "release" and self.formats["linear"].quantized
         return project("linear", o, d, layers.F32 if unrounded else dtype), new_cache

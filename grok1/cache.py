@@ -16,10 +16,20 @@ from grok1.config import ModelConfig
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
+def storage_dtype(dtype):
+    """How keys and values of the activation dtype are stored: bf16 as its uint16 bits.
+
+    XLA:CPU scatters into a bf16 array by widening the whole array to float32 and back (a few
+    ms per write for a small cache); into uint16 it writes in place. `grok1.attention` converts
+    on write and read (bitcasts, exact).
+    """
+    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, Dh] keys after RoPE, activation dtype
+    k: jax.Array  # [L, B, S, K, Dh] keys after RoPE, activation dtype (bf16 as uint16 bits)
     v: jax.Array  # [L, B, S, K, Dh]
     lengths: jax.Array  # [B] int32: tokens of context held per row
 
@@ -27,8 +37,8 @@ class KVCache:
     def shapes(cls, config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
         kv = (config.num_layers, batch, length, config.num_kv_heads, config.key_size)
         return cls(
-            k=jax.ShapeDtypeStruct(kv, dtype),
-            v=jax.ShapeDtypeStruct(kv, dtype),
+            k=jax.ShapeDtypeStruct(kv, storage_dtype(dtype)),
+            v=jax.ShapeDtypeStruct(kv, storage_dtype(dtype)),
             lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
         )
 
