@@ -21,27 +21,27 @@ def attend(
 ) -> jax.Array:
     """Capped softmax attention. Rounds where the release rounds (SPEC.md §2).
 
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, T, S] bool (True = may attend).
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool (True = may attend).
     Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
     """
     b, t, h, dh = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     dtype = q.dtype
     q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    s = layers.dot("btkgd,bskd->bkgts", q, k, dtype).astype(layers.F32)  # [B, K, G, T, S]
+    s = layers.dot("btkgd,bksd->bkgts", q, k, dtype).astype(layers.F32)  # [B, K, G, T, S]
     s = s * jnp.float32(config.attn_output_multiplier)
     cap = jnp.float32(config.attn_logit_cap)
     s = cap * jnp.tanh(s / cap)
     s = jnp.where(mask[:, None, None, :, :], s, MASKED_LOGIT)
     p = jax.nn.softmax(s, axis=-1).astype(dtype)
-    o = layers.dot("bkgts,bskd->btkgd", p, v, dtype)  # [B, T, K, G, Dh]
+    o = layers.dot("bkgts,bksd->btkgd", p, v, dtype)  # [B, T, K, G, Dh]
     return o.reshape(b, t, h * dh)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array):
     """Writes new keys or values into one layer of a stacked cache, in place under jit.
 
-    cache: [L, B, S, K, Dh] (bf16 stored as uint16 bits: `grok1.cache.storage_dtype`);
+    cache: [L, B, K, S, Dh] (bf16 stored as uint16 bits: `grok1.cache.storage_dtype`);
     new: [B, T, K, Dh] in the activation dtype; layer: scalar int; positions: [B, T] slots.
     Slots past the end of the cache are dropped (they only ever hold padding).
     """
@@ -50,12 +50,13 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: j
     layer_idx = jnp.broadcast_to(layer, (b, t))
     if cache.dtype == jnp.uint16:
         new = jax.lax.bitcast_convert_type(new.astype(layers.BF16), jnp.uint16)
-    return cache.at[layer_idx, rows, positions].set(new.astype(cache.dtype), mode="drop")
+    # the index arrays are split by the K slice, so the updated elements are laid out [B, T, K, Dh]
+    return cache.at[layer_idx, rows, :, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 def read_cache(cache: jax.Array, layer: jax.Array, kv_len: int, dtype) -> jax.Array:
-    """The first `kv_len` slots of one layer, [B, kv_len, K, Dh] in `dtype`."""
-    x = cache[layer, :, :kv_len]
+    """The first `kv_len` slots of one layer, [B, K, kv_len, Dh] in `dtype`."""
+    x = cache[layer, :, :, :kv_len]
     if cache.dtype == jnp.uint16:
         x = jax.lax.bitcast_convert_type(x, layers.BF16)
     return x.astype(dtype)
@@ -82,7 +83,7 @@ class Attention(hk.Module):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
 
         cache: None (keys are this call's tokens, S = T) or a tuple
-        (k_cache [L, B, Sc, K, Dh], v_cache, layer, kv_len) where kv_len is the static number of
+        (k_cache [L, B, K, Sc, Dh], v_cache, layer, kv_len) where kv_len is the static number of
         leading slots to attend over (S = kv_len). stacked: None or `layers.Stacked` holding
         some of this module's matrices whole (the CPU kernel path of `Grok1.apply`).
         Returns (out [B, T, D], (k_cache, v_cache)).
@@ -117,6 +118,8 @@ class Attention(hk.Module):
             new_cache = (k_cache, v_cache)
             k = read_cache(k_cache, layer, kv_len, dtype)
             v = read_cache(v_cache, layer, kv_len, dtype)
+        else:  # the keys are this call's tokens
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         o = attend(q, k, v, mask, c)
         unrounded = self.rounding == "release" and self.formats["linear"].quantized
         return project("linear", o, d, layers.F32 if unrounded else dtype), new_cache

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from grok1.config import ModelConfig
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 def storage_dtype(dtype):
@@ -29,13 +29,13 @@ def storage_dtype(dtype):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, Dh] keys after RoPE, activation dtype (bf16 as uint16 bits)
-    v: jax.Array  # [L, B, S, K, Dh]
+    k: jax.Array  # [L, B, K, S, Dh] keys after RoPE, activation dtype (bf16 as uint16 bits);
+    v: jax.Array  # [L, B, K, S, Dh]   heads before slots: attention's dots need no transpose
     lengths: jax.Array  # [B] int32: tokens of context held per row
 
     @classmethod
     def shapes(cls, config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-        kv = (config.num_layers, batch, length, config.num_kv_heads, config.key_size)
+        kv = (config.num_layers, batch, config.num_kv_heads, length, config.key_size)
         return cls(
             k=jax.ShapeDtypeStruct(kv, storage_dtype(dtype)),
             v=jax.ShapeDtypeStruct(kv, storage_dtype(dtype)),
@@ -50,7 +50,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def attention_mask(self, positions: jax.Array, new_lengths: jax.Array, kv_len: int):
         """[B, T, kv_len] mask: query at `positions` sees slots s <= its position that are

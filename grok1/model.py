@@ -274,7 +274,7 @@ class Grok1:
         """Runs the model.
 
         tokens, positions: [B, T] int32; mask: [B, T, S] bool (query t may attend key slot s).
-        cache: None (S = T, keys are these tokens) or (k, v) each [L, B, Sc, K, Dh]: the new
+        cache: None (S = T, keys are these tokens) or (k, v) each [L, B, K, Sc, Dh]: the new
         keys/values are written at slots `positions`, and the first `kv_len` (static) slots are
         attended (S = kv_len). out_index: optional [B, P] positions whose logits are wanted.
         Returns (logits [B, T or P, V] in the compute dtype, updated cache or None).

@@ -59,7 +59,7 @@ def abstract_params(config: ModelConfig, formats: WeightFormats, mesh) -> dict:
 
 
 def abstract_cache(config: ModelConfig, mesh, batch: int, context: int, dtype) -> KVCache:
-    """The KV cache [L, B, S, K, Dh] with batch on "data" and KV heads on "model"."""
+    """The KV cache [L, B, K, S, Dh] with batch on "data" and KV heads on "model"."""
     shapes = KVCache.shapes(config, batch, context, dtype)
     table = {
         "k": (shapes.k.shape, None, CACHE_AXES),

@@ -63,7 +63,8 @@ def test_capped_gqa_attention_with_padding():
             s = np.where(mask[bi], s, -1e30)
             p = np.exp(s - s.max(-1, keepdims=True))
             want[bi, :, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, hi // 2]
-    got = attention.attend(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), jnp.asarray(mask),
+    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731  [B, K, S, Dh]
+    got = attention.attend(jnp.asarray(q), heads_first(kk), heads_first(v), jnp.asarray(mask),
                            config)  # fmt: skip
     np.testing.assert_allclose(np.asarray(got).reshape(b, t, h, dh), want, rtol=1e-4, atol=1e-4)
     assert np.abs(q[0] @ kk[0, :, 0].T).max() > 30  # the cap mattered
