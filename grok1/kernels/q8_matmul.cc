@@ -34,7 +34,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTaskCols = 256;   // columns per task
+constexpr int64_t kMaxTaskCols = 1024;  // columns per task, at most (wide tasks stream best)
 
 struct Problem {
   const float* x;
@@ -257,17 +257,27 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   std::stable_sort(job->rows.begin(), job->rows.end(),
                    [&](int64_t a, int64_t b) { return selected[a] < selected[b]; });
-  for (int64_t begin = 0; begin < R;) {
-    int64_t end = begin;
-    while (end < R && selected[job->rows[end]] == selected[job->rows[begin]]) ++end;
-    for (int64_t c = 0; c < O; c += kTaskCols) {
-      job->tasks.push_back(Task{selected[job->rows[begin]], begin, end, c,
-                                std::min(O, c + kTaskCols)});
+  std::vector<int64_t> group_begin;  // runs of rows that select the same matrix
+  for (int64_t r = 0; r < R; ++r) {
+    if (r == 0 || selected[job->rows[r]] != selected[job->rows[r - 1]]) group_begin.push_back(r);
+  }
+  group_begin.push_back(R);
+  const int64_t groups = static_cast<int64_t>(group_begin.size()) - 1;
+  // Wide column ranges stream best; narrow them until every thread has two tasks to take.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t task_cols = kMaxTaskCols;
+  while (task_cols > 64 && groups * ((O + task_cols - 1) / task_cols) < 2 * threads) {
+    task_cols /= 2;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = group_begin[g], end = group_begin[g + 1];
+    for (int64_t c = 0; c < O; c += task_cols) {
+      job->tasks.push_back(
+          Task{selected[job->rows[begin]], begin, end, c, std::min(O, c + task_cols)});
     }
-    begin = end;
   }
   const int64_t n_tasks = static_cast<int64_t>(job->tasks.size());
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n_tasks) - 1;
+  const int64_t helpers = std::min<int64_t>(threads, n_tasks) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
   job->Work();
   while (job->done.load(std::memory_order_acquire) < n_tasks) std::this_thread::yield();
