@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -52,8 +53,9 @@ def _cpu_signature() -> str:
 
 
 def _build(cxx: str) -> Path:
+    compiler = shlex.split(cxx)  # CXX may carry a launcher or flags, e.g. "ccache g++"
     include = jax.ffi.include_dir()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), include.encode(), jax.__version__.encode(),
                  version.stdout.encode(), _cpu_signature().encode()):  # fmt: skip
@@ -67,7 +69,7 @@ def _build(cxx: str) -> Path:
     try:
         # -ffp-contract=off: the kernel's rounding is a float split that a fused multiply-add
         # would silently undo (GCC contracts even intrinsics by default)
-        cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared",
+        cmd = [*compiler, "-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared",
                "-fPIC", "-w", "-I", include, str(SOURCE), "-o", tmp]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -76,6 +78,9 @@ def _build(cxx: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for stale in target.parent.glob("q8_matmul-*.so"):  # builds of older sources or compilers
+        if stale != target:
+            stale.unlink(missing_ok=True)
     return target
 
 
