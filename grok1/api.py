@@ -271,6 +271,7 @@ def load(
     config: ModelConfig | None = None,
     moe_strategy: str = "auto",
     rounding: str = "release",
+    expert_parallel: bool = False,
     tokenizer=None,
     max_bucket: int = 1024,
     progress=None,
@@ -287,6 +288,9 @@ def load(
       tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model.
       mesh: a `jax.sharding.Mesh` or a dict of axis sizes such as {"data": 1, "model": 8};
         None keeps everything on the first device.
+      expert_parallel: split the experts whole over the mesh's model axis (each device runs
+        its own experts for every token; for throughput at large batches) instead of splitting
+        every expert's hidden size over it (the default; lowest latency). Needs a mesh.
       max_bucket: largest prefill chunk (a power of two); longer prompts are prefilled in chunks.
       progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
         bytes of each finished read.
@@ -303,10 +307,13 @@ def load(
         )
     config = config or ModelConfig.load(path)
     shardings = None
+    if expert_parallel and mesh is None:
+        raise ValueError("expert_parallel=True needs a mesh (e.g. mesh={'data': 1, 'model': 8})")
     if mesh is not None:
         mesh = sharding.make_mesh(mesh)
-        sharding.check_mesh(config, mesh)
-        shardings = _param_shardings(path, config, mesh)
+        sharding.check_mesh(config, mesh, expert_parallel)
+        rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
+        shardings = _param_shardings(path, config, mesh, rules)
     from grok1 import plan
 
     plan_mesh = mesh or sharding.make_mesh({"data": 1, "model": 1}, jax.local_devices()[:1])
@@ -314,7 +321,10 @@ def load(
     params, formats = loader.load_params(
         path, config, dtype=dtype, shardings=shardings, progress=progress or None
     )
-    grok = Grok1(config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding)
+    grok = Grok1(
+        config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding,
+        expert_mesh=mesh if expert_parallel else None,
+    )  # fmt: skip
     if isinstance(tokenizer, str | os.PathLike):
         from grok1.tokenizer import Tokenizer
 
@@ -324,7 +334,7 @@ def load(
     return Model(grok, params, mesh=mesh, path=path, tokenizer=tokenizer, max_bucket=max_bucket)
 
 
-def _param_shardings(path, config, mesh):
+def _param_shardings(path, config, mesh, rules=sharding.RULES):
     """(module, leaf, shape) -> NamedSharding from the logical-axis rules."""
     rep = ("kv_heads",) if sharding.kv_replication(config, mesh) > 1 else ()
     cache: dict = {}
@@ -334,7 +344,7 @@ def _param_shardings(path, config, mesh):
         if key not in cache:
             axes = _LEAF_AXES(config)[key]
             table = {key: (shape, None, axes)}
-            cache[key] = sharding.table_shardings(table, mesh, replicate=rep)[key]
+            cache[key] = sharding.table_shardings(table, mesh, replicate=rep, rules=rules)[key]
         return cache[key]
 
     return get

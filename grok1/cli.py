@@ -37,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "EOS only separates paragraphs)",
     )
     p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=1,model=8")
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="split whole experts over the model axis (throughput at large batches)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on a terminal)")  # fmt: skip
@@ -96,6 +101,7 @@ def main(argv=None) -> int:
     model = grok1.load(
         path,
         mesh=parse_mesh(args.mesh),
+        expert_parallel=args.expert_parallel,
         dtype=args.dtype,
         tokenizer=tok_path,
         progress=sys.stderr.isatty() and not args.json,

@@ -145,7 +145,7 @@ class DecoderLayer(hk.Module):
 
     def __init__(
         self, config, formats: WeightFormats, moe_strategy: str, dtype, rounding: str,
-        name="decoder_layer",
+        expert_mesh=None, name="decoder_layer",
     ):  # fmt: skip
         super().__init__(name=name)
         self.config = config
@@ -153,12 +153,13 @@ class DecoderLayer(hk.Module):
         self.moe_strategy = moe_strategy
         self.dtype = dtype
         self.rounding = rounding
+        self.expert_mesh = expert_mesh
 
     def __call__(self, h, positions, mask, cache=None, stacked=None):
         c, dtype = self.config, self.dtype
         norm = lambda i, x, dt=dtype: RMSNorm(c.norm_eps, name=NORMS[i])(x, dt)
         attn = Attention(c, self.formats, self.rounding)
-        moe = MoE(c, self.formats, self.moe_strategy, self.rounding)
+        moe = MoE(c, self.formats, self.moe_strategy, self.rounding, self.expert_mesh)
         if self.rounding == "strict":  # additions rounded explicitly: XLA would skip the
             add = lambda x, y: _rounded_sum(x, y, dtype)  # rounding that the norm reads
             a, cache = attn(norm(0, h), positions, mask, cache, stacked)
@@ -189,6 +190,9 @@ class Grok1:
       cpu_kernels: use the native int8 matrix kernel (`grok1.kernels`) for few-token steps:
         None (default) where it applies (CPU backend, one device, kernel built; int8 matrices
         only), False never. The values are the same up to float32 summation order.
+      expert_mesh: None (experts as the parameters' shardings place them), or the mesh whose
+        "model" axis splits the experts whole (expert parallelism, `grok1.moe.experts_parallel`;
+        parameters placed by `sharding.EXPERT_PARALLEL_RULES`).
       rounding: which bf16 roundings of SPEC.md §2 happen (bf16 mode; float32 mode is the same
         under both):
         * "strict": every one, as written; this is the release compiled with
@@ -216,6 +220,7 @@ class Grok1:
     moe_strategy: str = "auto"
     rounding: str = "release"
     cpu_kernels: bool | None = None
+    expert_mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -251,7 +256,9 @@ class Grok1:
             h, kv = carry
             layer_cache = None if kv is None else (*kv, layer_idx, kv_len)
             whole = None if stacked is None else layers.Stacked(stacked, layer_idx)
-            layer = DecoderLayer(c, self.formats, self.moe_strategy, dtype, self.rounding)
+            layer = DecoderLayer(
+                c, self.formats, self.moe_strategy, dtype, self.rounding, self.expert_mesh
+            )
             h, kv = layer(h, positions, mask, layer_cache, whole)
             return (h, kv), None
 

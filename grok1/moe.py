@@ -100,17 +100,24 @@ def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
 
 
 def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=None):
+    """See `experts_dense_sum`; the combined output rounded to bf16, [N, D]."""
+    return experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down).astype(BF16)
+
+
+def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=None):
     """Every token through every expert that some token uses, one expert at a time (a loop
     whose unused iterations are skipped), weighted by the token's gate for it (0 if not
     selected). Reads each used expert once; compute grows with N x used experts, which suits
-    decode batches and XLA:CPU, whose ragged dots are slow. Returns [N, D] bf16 (combined).
+    decode batches and XLA:CPU, whose ragged dots are slow. Returns [N, D] float32 (combined,
+    not yet rounded). Slots whose id is outside [0, E) are ignored (expert parallelism).
     """
     n, k = idx.shape
     round_down = dtype == BF16 if round_down is None else round_down
     num_experts = gate_p["w"].shape[0]
     rows = jnp.arange(n)[:, None]
-    weight = jnp.zeros((n, num_experts), F32).at[rows, idx].add(gates.astype(BF16).astype(F32))
-    used = jnp.zeros((num_experts,), bool).at[idx.reshape(-1)].set(True)
+    w = gates.astype(BF16).astype(F32)
+    weight = jnp.zeros((n, num_experts), F32).at[rows, idx].add(w, mode="drop")
+    used = jnp.zeros((num_experts,), bool).at[idx.reshape(-1)].set(True, mode="drop")
 
     def expert(e, acc):
         pick = lambda p: {name: leaf[e] for name, leaf in p.items()}  # noqa: E731
@@ -121,7 +128,34 @@ def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=None):
         return acc + weight[:, e, None] * o
 
     body = lambda e, acc: jax.lax.cond(used[e], expert, lambda _, a: a, e, acc)  # noqa: E731
-    out = jax.lax.fori_loop(0, num_experts, body, jnp.zeros((n, z.shape[-1]), F32))
+    return jax.lax.fori_loop(0, num_experts, body, jnp.zeros((n, z.shape[-1]), F32))
+
+
+def experts_parallel(z, idx, gates, gate_p, up_p, down_p, dtype, round_down, mesh):
+    """Expert parallelism: the experts split whole over the mesh's "model" axis.
+
+    Each device runs `experts_dense_sum` over its own E / M experts for every token of its
+    "data" shard (the other slots are ignored), and the float32 partial outputs are summed over
+    "model" before the one bf16 rounding. A token's two gated outputs are added in float32 either
+    way, so the result is what the other strategies compute. Returns [N, D] bf16.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    per_device = gate_p["w"].shape[0] // mesh.shape["model"]
+
+    def local(z, idx, gates, gate_p, up_p, down_p):
+        first = jax.lax.axis_index("model") * per_device
+        mine = (idx >= first) & (idx < first + per_device)
+        local_idx = jnp.where(mine, idx - first, per_device)  # out of range: ignored
+        part = experts_dense_sum(z, local_idx, gates, gate_p, up_p, down_p, dtype, round_down)
+        return jax.lax.psum(part, "model")
+
+    tokens = P("data", None)
+    by_expert = lambda p: {leaf: P("model") for leaf in p}  # noqa: E731
+    specs = (tokens, tokens, tokens, by_expert(gate_p), by_expert(up_p), by_expert(down_p))
+    out = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(
+        z, idx, gates, gate_p, up_p, down_p
+    )
     return out.astype(BF16)
 
 
@@ -179,13 +213,15 @@ class MoE(hk.Module):
     """The release's `moe` block plus its `router`: [B, T, D] -> [B, T, D] (bf16)."""
 
     def __init__(
-        self, config: ModelConfig, formats: dict, strategy="auto", rounding="release", name="moe"
-    ):
+        self, config: ModelConfig, formats: dict, strategy="auto", rounding="release",
+        expert_mesh=None, name="moe",
+    ):  # fmt: skip
         super().__init__(name=name)
         self.config = config
         self.formats = formats
         self.strategy = strategy
         self.rounding = rounding
+        self.expert_mesh = expert_mesh
 
     def __call__(self, z: jax.Array, stacked: layers.Stacked | None = None) -> jax.Array:
         """z: [B, T, D]. stacked: None, or `layers.Stacked` holding some of the expert matrices
@@ -219,6 +255,8 @@ class MoE(hk.Module):
         strategy = choose_strategy(self.strategy, n, k, self.config.num_experts)
         round_down = round_down_weight(raw["down"], flat.dtype, self.rounding)
         args = (raw["gate"], raw["up"], raw["down"], flat.dtype, round_down)
+        if self.expert_mesh is not None:
+            return experts_parallel(flat, idx, gates, *args, self.expert_mesh)
         if strategy == "dense":
             return experts_dense(flat, idx, gates, *args)
         fn = experts_gather if strategy == "gather" else experts_grouped

@@ -37,6 +37,12 @@ RULES: Mapping[str, str | None] = {
 }
 
 
+# Expert parallelism (`grok1.load(..., expert_parallel=True)`): whole experts, split along E over
+# "model"; each device runs its own experts for every token (higher throughput at large batches,
+# an all-reduce of the MoE output instead of reading a slice of every selected expert).
+EXPERT_PARALLEL_RULES: Mapping[str, str | None] = {**RULES, "experts": "model", "ffn": None}
+
+
 class ShardingError(ValueError):
     pass
 
@@ -71,15 +77,17 @@ def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def spec_for(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, what: str) -> PartitionSpec:
-    """PartitionSpec of a leaf from its logical axes, checking divisibility."""
+def spec_for(
+    axes: Sequence[str], shape: Sequence[int], mesh: Mesh, what: str, rules: Mapping = RULES
+) -> PartitionSpec:
+    """PartitionSpec of a leaf from its logical axes (mapped by `rules`), checking divisibility."""
     if len(axes) != len(shape):
         raise ShardingError(f"{what}: {len(axes)} logical axes for shape {tuple(shape)}")
     parts = []
     for axis, dim in zip(axes, shape, strict=True):
-        if axis not in RULES:
+        if axis not in rules:
             raise ShardingError(f"{what}: no sharding rule for logical axis {axis!r}")
-        mesh_axis = RULES[axis]
+        mesh_axis = rules[axis]
         if mesh_axis is not None and mesh.shape[mesh_axis] == 1:
             mesh_axis = None
         if mesh_axis is not None and dim % mesh.shape[mesh_axis]:
@@ -95,9 +103,14 @@ def named(axes, shape, mesh: Mesh, what: str) -> NamedSharding:
     return NamedSharding(mesh, spec_for(axes, shape, mesh, what))
 
 
-def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
+def check_mesh(config: ModelConfig, mesh: Mesh, expert_parallel: bool = False) -> None:
     """Errors for meshes the model cannot use, with what to do instead."""
     model = mesh.shape["model"]
+    if expert_parallel and config.num_experts % model:
+        raise ShardingError(
+            f"expert parallelism splits the {config.num_experts} experts over the mesh's model "
+            f"axis ({model}), which does not divide them"
+        )
     if config.num_q_heads % model:
         raise ShardingError(
             f"the mesh's model axis ({model}) does not divide the {config.num_q_heads} query "
@@ -117,7 +130,9 @@ def kv_replication(config: ModelConfig, mesh: Mesh) -> int:
     return model // config.num_kv_heads if model > config.num_kv_heads else 1
 
 
-def table_shardings(table: Mapping, mesh: Mesh, replicate: Sequence[str] = ()) -> dict:
+def table_shardings(
+    table: Mapping, mesh: Mesh, replicate: Sequence[str] = (), rules: Mapping = RULES
+) -> dict:
     """{key: NamedSharding} for a {key: (shape, dtype, logical axes)} table.
 
     Logical axes in `replicate` are kept whole on every device (e.g. "kv_heads" when the model
@@ -126,10 +141,11 @@ def table_shardings(table: Mapping, mesh: Mesh, replicate: Sequence[str] = ()) -
     out = {}
     for key, (shape, _, axes) in table.items():
         axes = tuple(None if a in replicate else a for a in axes)
-        out[key] = NamedSharding(mesh, _spec_allowing_none(axes, shape, mesh, "/".join(key)))
+        spec = _spec_allowing_none(axes, shape, mesh, "/".join(key), rules)
+        out[key] = NamedSharding(mesh, spec)
     return out
 
 
-def _spec_allowing_none(axes, shape, mesh, what) -> PartitionSpec:
+def _spec_allowing_none(axes, shape, mesh, what, rules=RULES) -> PartitionSpec:
     named_axes = [a if a is not None else "layers" for a in axes]  # "layers" is replicated
-    return spec_for(named_axes, shape, mesh, what)
+    return spec_for(named_axes, shape, mesh, what, rules)

@@ -19,15 +19,18 @@ case, meshes = sys.argv[1], json.loads(sys.argv[2])
 t, l = np.load(case + '/tokens.npy'), np.load(case + '/lengths.npy')
 prompts = [t[b, : l[b]].tolist() for b in range(len(l))]
 out = {}
+gate = "grok1/layers/decoder_layer/moe/gate"
 for mesh in meshes:
+    axes = {k: v for k, v in mesh.items() if k != "expert_parallel"}
     try:
-        m = grok1.load(case, mesh=mesh)
+        m = grok1.load(case, mesh=axes, expert_parallel=mesh.get("expert_parallel", False))
     except ValueError as e:
         out[json.dumps(mesh)] = {"error": str(e)}
         continue
     out[json.dumps(mesh)] = {
         "tokens": m.generate(prompts, 8, ignore_eos=True),
         "logits": m.logits(t, l)[0, : l[0]].tolist(),
+        "expert_spec": str(tuple(m.params[gate]["w"].sharding.spec)),
     }
 print(json.dumps(out))
 """
@@ -47,15 +50,24 @@ def run_meshes(devices: int, meshes) -> dict:
 @pytest.mark.slow
 def test_meshes_agree_on_tokens_and_logits():
     meshes = [{"data": 1, "model": 1}, {"data": 1, "model": 2}, {"data": 1, "model": 8},
-              {"data": 2, "model": 4}, {"data": 8, "model": 1}]  # fmt: skip
+              {"data": 2, "model": 4}, {"data": 8, "model": 1},
+              {"data": 1, "model": 8, "expert_parallel": True},
+              {"data": 2, "model": 4, "expert_parallel": True}]  # fmt: skip
     results = run_meshes(8, meshes)
-    results.update(run_meshes(16, [{"data": 1, "model": 16}]))
+    ep16 = {"data": 1, "model": 16, "expert_parallel": True}  # 16 does not divide 8 experts
+    results.update(run_meshes(16, [{"data": 1, "model": 16}, ep16]))
+    assert "does not divide them" in results.pop(json.dumps(ep16))["error"]
     expected = case_file(CASE, "greedy_runner.npy").tolist()
     base = np.array(results[json.dumps(meshes[0])]["logits"])
     for mesh, r in results.items():
         assert "error" not in r, (mesh, r)
         assert r["tokens"] == expected, mesh
         assert np.abs(np.array(r["logits"]) - base).max() <= 0.25, mesh
+        if "expert_parallel" in mesh:  # whole experts split over "model", the same values
+            assert r["expert_spec"] == "(None, 'model', None, None)", (mesh, r["expert_spec"])
+            axes = {k: v for k, v in json.loads(mesh).items() if k != "expert_parallel"}
+            plain = json.dumps(axes)
+            assert r["logits"] == results[plain]["logits"], mesh
     assert len(prompts_of(CASE)) == 1
 
 
@@ -63,3 +75,14 @@ def test_mesh_that_does_not_divide_heads_is_a_clear_error():
     results = run_meshes(8, [{"data": 1, "model": 5}, {"data": 3, "model": 4}])
     assert "does not divide the 48 query heads" in results['{"data": 1, "model": 5}']["error"]
     assert "needs 12 devices but only 8" in results['{"data": 3, "model": 4}']["error"]
+
+
+def test_expert_parallel_needs_a_mesh_and_splits_experts_whole():
+    import grok1
+    from grok1 import sharding
+
+    with pytest.raises(ValueError, match="needs a mesh"):
+        grok1.load(case_path(CASE), expert_parallel=True)
+    assert sharding.EXPERT_PARALLEL_RULES["experts"] == "model"
+    assert sharding.EXPERT_PARALLEL_RULES["ffn"] is None
+    assert sharding.RULES["experts"] is None and sharding.RULES["ffn"] == "model"
