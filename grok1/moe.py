@@ -18,6 +18,10 @@ Three dispatch strategies, equal up to float32 summation order:
     beyond decode, where ragged dots are slow.
   * "grouped": (token, slot) pairs are sorted by expert and multiplied with `lax.ragged_dot`; every
     expert's weights are read once (prefill, large batches).
+
+Two more paths are chosen by the model rather than the strategy: `experts_kernel` (the native
+CPU kernel for few-token steps on one device, `grok1.kernels`) and `experts_parallel` (experts
+split whole over the mesh's "model" axis, `expert_parallel=True`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def next_token_loss(grok: model.Grok1, params, batch):
 # ---------------------------------------------------------------------------------------------
 # A faster MoE dispatch for the training step (same function as the library's).
 # ---------------------------------------------------------------------------------------------
-def experts_blocked(z, idx, gate_p, up_p, down_p, dtype):
+def experts_blocked(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
     """`grok1.moe.experts_grouped`'s contract and result, about 3x cheaper to differentiate on CPU.
 
     There `lax.ragged_dot` costs as much as passing every (token, slot) pair through every expert.
@@ -137,7 +137,8 @@ def experts_blocked(z, idx, gate_p, up_p, down_p, dtype):
 
     g = bdot(rows, layers.matrix(gate_p, dtype), dtype)
     u = bdot(rows, layers.matrix(up_p, dtype), dtype)
-    o = bdot(moe.expert_hidden(u, g), layers.matrix(down_p, jnp.float32), jnp.float32)
+    w_down = layers.matrix(down_p, jnp.float32, rounded=round_down)
+    o = bdot(moe.expert_hidden(u, g), w_down, jnp.float32)
     out = jnp.zeros((n * k, o.shape[1]), jnp.float32).at[order].set(o[dest])
     return out.reshape(n, k, -1)
 
