@@ -116,9 +116,10 @@ class Engine:
         self._accept_jit = jax.jit(self._accept)
 
     # -- compiled pieces ----------------------------------------------------------------------
-    def _chunk_fn(self, params, cache: KVCache, tokens, n_new, kv_len: int):
+    def _chunk_fn(self, params, cache: KVCache, tokens, n_new, kv_len: int, table=None):
         """Appends `tokens` [B, M] (the first n_new [B] real) to the cache.
 
+        table: optional `Grok1.embedding_table(params)`, computed once outside a decode loop.
         Returns (logits [B, V] f32 at each row's last real token of the chunk, cache).
         """
         m = tokens.shape[1]
@@ -127,7 +128,7 @@ class Engine:
         mask = cache.attention_mask(positions, new_lengths, kv_len)
         out_index = jnp.clip(n_new - 1, 0, m - 1)[:, None]
         logits, (k, v) = self.grok.apply(
-            params, tokens, positions, mask, (cache.k, cache.v), kv_len, out_index
+            params, tokens, positions, mask, (cache.k, cache.v), kv_len, out_index, table
         )
         cache = KVCache(k=k, v=v, lengths=new_lengths)
         return logits[:, 0].astype(jnp.float32), cache
@@ -141,10 +142,12 @@ class Engine:
             go = (i < n_steps) & jnp.any(st.active)
             return go & ~stopped if until_first_stop else go
 
+        table = self.grok.embedding_table(params)  # once, not in every step
+
         def body(carry):
             i, cache, st, _ = carry
             logits, cache = self._chunk_fn(
-                params, cache, st.last[:, None], st.active.astype(jnp.int32), kv_len
+                params, cache, st.last[:, None], st.active.astype(jnp.int32), kv_len, table
             )
             st, stopped = self._accept(logits, st, sp)
             return i + 1, cache, st, stopped

@@ -59,7 +59,7 @@ def round_to(x: jax.Array, dtype) -> jax.Array:
     return round_bf16(x) if dtype == BF16 else x
 
 
-def _dots_in_f32() -> bool:
+def dots_in_f32() -> bool:
     """XLA:CPU runs bf16 dots and bf16 elementwise math several times slower than float32."""
     return jax.default_backend() == "cpu"
 
@@ -71,7 +71,7 @@ def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
     operands are widened to float32 first: the products of bf16 values are exact in float32 and
     the accumulation is float32 either way, so only the summation order can differ.
     """
-    if _dots_in_f32():
+    if dots_in_f32():
         a, b = a.astype(F32), b.astype(F32)
     precision = jax.lax.Precision.HIGHEST if F32 in (a.dtype, b.dtype) else None
     out = jnp.einsum(subscripts, a, b, preferred_element_type=F32, precision=precision)

@@ -240,13 +240,24 @@ class Grok1:
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
+    def embedding_table(self, params) -> jax.Array:
+        """The tied embedding as the model uses it: bf16(E) in bf16 mode. On CPU, where dots run
+        in float32, it is kept in float32 (holding bf16-exact values). A loop that runs many
+        steps computes this once and passes it to `apply(..., table=)`, sparing every step a
+        conversion of the whole [V, D] table."""
+        e = params["grok1/embed"]["embeddings"]
+        if layers.dots_in_f32():
+            return layers.round_to(e.astype(F32), self.compute_dtype)
+        return e.astype(self.compute_dtype)
+
     def _forward(
-        self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, stacked=None
-    ):
+        self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, stacked=None,
+        table=None,
+    ):  # fmt: skip
         c, dtype = self.config, self.compute_dtype
-        embed = Embedding(c, name="embed")().astype(
-            dtype
-        )  # bf16(Emb) in bf16 mode (also for the tied output)
+        embed = Embedding(c, name="embed")()
+        # bf16(E) in bf16 mode, also for the tied output (see `embedding_table`)
+        embed = embed.astype(dtype) if table is None else table
         c_in = layers.compute_constant(c.embedding_multiplier_scale, dtype)
         h = embed[tokens].astype(F32) * c_in.astype(F32)
         if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded
@@ -277,13 +288,16 @@ class Grok1:
     def transformed(self) -> hk.Transformed:
         return hk.without_apply_rng(hk.transform(lambda *args: _Root(self)(*args)))
 
-    def apply(self, params, tokens, positions, mask, cache=None, kv_len=None, out_index=None):
+    def apply(
+        self, params, tokens, positions, mask, cache=None, kv_len=None, out_index=None, table=None
+    ):
         """Runs the model.
 
         tokens, positions: [B, T] int32; mask: [B, T, S] bool (query t may attend key slot s).
         cache: None (S = T, keys are these tokens) or (k, v) each [L, B, K, Sc, Dh]: the new
         keys/values are written at slots `positions`, and the first `kv_len` (static) slots are
         attended (S = kv_len). out_index: optional [B, P] positions whose logits are wanted.
+        table: optional `embedding_table(params)`, computed once by the caller.
         Returns (logits [B, T or P, V] in the compute dtype, updated cache or None).
 
         With the CPU kernel (`kernel_matrices`), those matrices bypass the layer scan's
@@ -295,7 +309,7 @@ class Grok1:
             params = dict(params)
             stacked = {name: params.pop(matrix_module(name)) for name in names}
         return self.transformed().apply(
-            params, tokens, positions, mask, cache, kv_len, out_index, stacked
+            params, tokens, positions, mask, cache, kv_len, out_index, stacked, table
         )
 
     def init(self, key, batch: int = 1, length: int = 4):
