@@ -106,7 +106,10 @@ def test_model_with_kernels_equals_model_without(dtype):
     assert len(with_k.kernel_matrices()) == 7 and not without.kernel_matrices()
     params = with_k.init(jax.random.PRNGKey(1))
     rng = np.random.default_rng(2)
-    for batch, length in [(1, 1), (3, 5), (2, 40)]:  # decode, small batch, past KERNEL_MAX_ROWS
+    # rows within KERNEL_MAX_ROWS (the kernel), and past it (XLA on the whole stacks' slices);
+    # one-token decode steps go through the kernel in tests/test_engine.py and test_golden.py
+    shapes = [(3, 5), (2, 40)] if dtype == "bfloat16" else [(3, 5)]
+    for batch, length in shapes:
         tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (batch, length)), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))

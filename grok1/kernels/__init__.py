@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -64,6 +65,8 @@ def _build(cxx: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():  # a one-time pause of several seconds: say why
+        print(f"[grok1] building the CPU int8 kernel into {target.parent} (once)", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
