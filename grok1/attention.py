@@ -96,7 +96,7 @@ class Attention(hk.Module):
             if stacked is not None and name in stacked.leaves:
                 if b * t <= layers.KERNEL_MAX_ROWS:
                     flat = x.reshape(b * t, n_in).astype(layers.F32)
-                    y = stacked.matmul(flat, name, None, out_dtype, rounded=dtype != layers.F32)
+                    y = stacked.matmul(flat, name, None, out_dtype, dtype)
                     return y.reshape(b, t, n_out)
                 w = layers.matrix(stacked.layer_params(name), dtype)
             else:

@@ -107,11 +107,16 @@ def dequantize(weight: jax.Array, scales: jax.Array, dtype=BF16, rounded=None) -
     groups = scales.shape[-2]
     if n_in % groups:
         raise ValueError(f"{groups} scale groups do not divide the input dimension {n_in}")
-    rounded = dtype != F32 if rounded is None else rounded
+    rounded = _rounds(dtype, rounded)
     w = weight.astype(F32).reshape(*lead, groups, n_in // groups, n_out)
     w = w * scales.astype(F32)[..., :, None, :]  # exact: 8-bit x 8-bit significands
     w = w.reshape(*lead, n_in, n_out)
     return (round_bf16(w) if rounded else w).astype(dtype)
+
+
+def _rounds(dtype, rounded: bool | None) -> bool:
+    """Whether an int8 weight wanted in `dtype` is rounded to bf16 (`rounded` overrides)."""
+    return dtype != F32 if rounded is None else rounded
 
 
 def matrix(params: dict, dtype, rounded=None) -> jax.Array:
@@ -166,10 +171,13 @@ class Stacked:
         """This layer's raw leaves of one matrix (a slice read inside the fusions that use it)."""
         return {leaf: a[self.layer] for leaf, a in self.leaves[name].items()}
 
-    def matmul(self, x: jax.Array, name: str, index, out_dtype, rounded: bool) -> jax.Array:
-        """Row r of x [R, In] times this layer's matrix `index[r]` (into the axes between [L]
-        and [In, Out]; None for a plain [L, In, Out] stack), in the native kernel. float32 out
-        rounded to out_dtype."""
+    def matmul(
+        self, x: jax.Array, name: str, index, out_dtype, weight_dtype, rounded=None
+    ) -> jax.Array:
+        """`layers.matmul` in the native kernel: row r of x [R, In] times this layer's matrix
+        `index[r]` (into the axes between [L] and [In, Out]; None for a plain [L, In, Out]
+        stack) used in `weight_dtype` (`rounded` as in `dequantize`), accumulated in float32
+        and rounded to out_dtype."""
         leaves = self.leaves[name]
         w, scales = leaves["w"], leaves["scales"]
         per_layer = int(np.prod(w.shape[1:-2], dtype=np.int64))
@@ -177,7 +185,8 @@ class Stacked:
         sel = jnp.broadcast_to(sel, (x.shape[0],)).astype(jnp.int32)
         q = w.reshape(-1, *w.shape[-2:])
         s = scales.reshape(-1, *scales.shape[-2:])
-        return kernels.q8_matmul(x, q, s, sel, rounded).astype(out_dtype)
+        y = kernels.q8_matmul(x, q, s, sel, _rounds(weight_dtype, rounded))
+        return y.astype(out_dtype)
 
 
 def compute_constant(value: float, dtype) -> jax.Array:

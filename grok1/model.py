@@ -173,6 +173,13 @@ class DecoderLayer(hk.Module):
         return layers.round_to(h, dtype) + norm(3, m, m.dtype).astype(F32), cache
 
 
+def _usable_embedding(e: jax.Array, dtype) -> jax.Array:
+    """The [V, D] table as the model uses it (see `Grok1.embedding_table`)."""
+    if layers.dots_in_f32():
+        return layers.round_to(e.astype(F32), dtype)
+    return e.astype(dtype)
+
+
 def _rounded_sum(x, y, dtype):
     """x + y rounded to `dtype` by `layers.round_to` (a rounding no compiler rewrite drops)."""
     return layers.round_to(x.astype(F32) + y.astype(F32), dtype).astype(dtype)
@@ -245,19 +252,15 @@ class Grok1:
         in float32, it is kept in float32 (holding bf16-exact values). A loop that runs many
         steps computes this once and passes it to `apply(..., table=)`, sparing every step a
         conversion of the whole [V, D] table."""
-        e = params["grok1/embed"]["embeddings"]
-        if layers.dots_in_f32():
-            return layers.round_to(e.astype(F32), self.compute_dtype)
-        return e.astype(self.compute_dtype)
+        return _usable_embedding(params["grok1/embed"]["embeddings"], self.compute_dtype)
 
     def _forward(
         self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, stacked=None,
         table=None,
     ):  # fmt: skip
         c, dtype = self.config, self.compute_dtype
-        embed = Embedding(c, name="embed")()
-        # bf16(E) in bf16 mode, also for the tied output (see `embedding_table`)
-        embed = embed.astype(dtype) if table is None else table
+        embed = Embedding(c, name="embed")()  # bf16(E) in bf16 mode, also for the tied output
+        embed = _usable_embedding(embed, dtype) if table is None else table
         c_in = layers.compute_constant(c.embedding_multiplier_scale, dtype)
         h = embed[tokens].astype(F32) * c_in.astype(F32)
         if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded

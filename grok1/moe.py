@@ -79,14 +79,14 @@ def round_down_weight(down_p: dict, dtype, rounding: str) -> bool:
     return rounding == "strict" or "scales" not in down_p
 
 
-def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
-    """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis. Returns [N, k, D].
+def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down: bool):
+    """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis; round_down: see
+    `round_down_weight`. Returns [N, k, D].
 
     One 2-D product per (token, slot), unrolled (N·k is small here): batched matrix-vector
     products take a slow path on XLA:CPU.
     """
     n, k = idx.shape
-    round_down = dtype == BF16 if round_down is None else round_down
     blocks = _cpu_blocks() if n == 1 else 1  # one token: latency; more would bloat the program
     rows = []
     for i in range(n):
@@ -103,12 +103,12 @@ def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
     return jnp.concatenate(rows, axis=0)
 
 
-def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=None):
+def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, round_down: bool):
     """See `experts_dense_sum`; the combined output rounded to bf16, [N, D]."""
     return experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down).astype(BF16)
 
 
-def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=None):
+def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down: bool):
     """Every token through every expert that some token uses, one expert at a time (a loop
     whose unused iterations are skipped), weighted by the token's gate for it (0 if not
     selected). Reads each used expert once; compute grows with N x used experts, which suits
@@ -116,7 +116,6 @@ def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down=Non
     not yet rounded). Slots whose id is outside [0, E) are ignored (expert parallelism).
     """
     n, k = idx.shape
-    round_down = dtype == BF16 if round_down is None else round_down
     num_experts = gate_p["w"].shape[0]
     rows = jnp.arange(n)[:, None]
     w = gates.astype(BF16).astype(F32)
@@ -163,7 +162,7 @@ def experts_parallel(z, idx, gates, gate_p, up_p, down_p, dtype, round_down, mes
     return out.astype(BF16)
 
 
-def experts_grouped(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
+def experts_grouped(z, idx, gate_p, up_p, down_p, dtype, round_down: bool):
     """Sort (token, slot) pairs by expert and use ragged dots. Same contract as experts_gather."""
     n, k = idx.shape
     num_experts = gate_p["w"].shape[0]
@@ -179,7 +178,6 @@ def experts_grouped(z, idx, gate_p, up_p, down_p, dtype, round_down=None):
 
     g = rdot(xs, layers.matrix(gate_p, dtype), dtype)  # [N·k, F]
     u = rdot(xs, layers.matrix(up_p, dtype), dtype)
-    round_down = dtype == BF16 if round_down is None else round_down
     w_down = layers.matrix(down_p, F32, rounded=round_down)
     o = rdot(expert_hidden(u, g), w_down, F32)  # [N·k, D]
     unsorted = jnp.zeros_like(o).at[order].set(o)
@@ -197,9 +195,9 @@ def experts_kernel(z, idx, stacked: layers.Stacked, dtype, round_down: bool):
     n, k = idx.shape
     sel = idx.reshape(n * k)
     x = jnp.repeat(z.astype(F32), k, axis=0)  # [N·k, D], row n·k + j is (token n, slot j)
-    g = stacked.matmul(x, "gate", sel, dtype, rounded=dtype == BF16)
-    u = stacked.matmul(x, "up", sel, dtype, rounded=dtype == BF16)
-    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, rounded=round_down)
+    g = stacked.matmul(x, "gate", sel, dtype, dtype)
+    u = stacked.matmul(x, "up", sel, dtype, dtype)
+    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, F32, rounded=round_down)
     return o.reshape(n, k, -1)
 
 
