@@ -6,36 +6,82 @@ Dh head size. Query head j = k * G + g reads KV head k (SPEC.md §1).
 
 from __future__ import annotations
 
+import dataclasses
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import layers
+from grok1 import kernels, layers
 from grok1.config import ModelConfig
 
 MASKED_LOGIT = -1e30
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, config: ModelConfig
+    q: jax.Array, k, v, mask: jax.Array, config: ModelConfig, cached: CachedLayer | None = None
 ) -> jax.Array:
     """Capped softmax attention. Rounds where the release rounds (SPEC.md §2).
 
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool (True = may attend).
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh], or None with `cached` (the products read one layer of
+    the stacked cache in the native kernel); mask: [B, T, S] bool (True = may attend).
     Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
     """
     b, t, h, dh = q.shape
-    kv = k.shape[1]
+    kv = config.num_kv_heads
     dtype = q.dtype
     q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    s = layers.dot("btkgd,bksd->bkgts", q, k, dtype).astype(layers.F32)  # [B, K, G, T, S]
-    s = s * jnp.float32(config.attn_output_multiplier)
+    if cached is None:
+        s = layers.dot("btkgd,bksd->bkgts", q, k, dtype)  # [B, K, G, T, S]
+    else:
+        s = cached.scores(q).astype(dtype)
+    s = s.astype(layers.F32) * jnp.float32(config.attn_output_multiplier)
     cap = jnp.float32(config.attn_logit_cap)
     s = cap * jnp.tanh(s / cap)
     s = jnp.where(mask[:, None, None, :, :], s, MASKED_LOGIT)
     p = jax.nn.softmax(s, axis=-1).astype(dtype)
-    o = layers.dot("bkgts,bksd->btkgd", p, v, dtype)  # [B, T, K, G, Dh]
+    if cached is None:
+        o = layers.dot("bkgts,bksd->btkgd", p, v, dtype)  # [B, T, K, G, Dh]
+    else:
+        o = cached.values(p).astype(dtype)
     return o.reshape(b, t, h * dh)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedLayer:
+    """Attention's two products over one layer of the stacked cache, in the native CPU kernel
+    (`grok1.kernels.attend_scores` / `attend_values`), which reads the cache's bf16 bits in
+    place instead of slicing, widening and transposing the layer first. The values equal
+    `layers.dot`'s up to float32 summation order.
+
+    Attributes: k_cache, v_cache: [L, B, K, Sc, Dh] uint16; layer: scalar; kv_len: static.
+    """
+
+    k_cache: jax.Array
+    v_cache: jax.Array
+    layer: jax.Array
+    kv_len: int
+
+    def scores(self, q: jax.Array) -> jax.Array:
+        """q [B, T, K, G, Dh] -> float32 scores [B, K, G, T, S]."""
+        b, t, kv, g, dh = q.shape
+        rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, dh)
+        s = kernels.attend_scores(rows, self.k_cache, self.layer, self.kv_len)
+        return s.reshape(b, kv, t, g, self.kv_len).transpose(0, 1, 3, 2, 4)
+
+    def values(self, p: jax.Array) -> jax.Array:
+        """p [B, K, G, T, S] -> float32 outputs [B, T, K, G, Dh]."""
+        b, kv, g, t, s = p.shape
+        rows = p.transpose(0, 1, 3, 2, 4).reshape(b, kv, t * g, s)
+        o = kernels.attend_values(rows, self.v_cache, self.layer)
+        return o.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4)
+
+    @staticmethod
+    def applies(cache: jax.Array, rows: int, stacked) -> bool:
+        """Whether the kernel path serves a step of `rows` query tokens: the native kernels are
+        in use (`stacked` is handed over), the cache holds bf16 bits, and the step is small
+        (decode; prefill chunks stay with XLA's dots)."""
+        return stacked is not None and cache.dtype == jnp.uint16 and rows <= layers.KERNEL_MAX_ROWS
 
 
 def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array):
@@ -110,16 +156,20 @@ class Attention(hk.Module):
         q = layers.rope(q.reshape(b, t, c.num_q_heads, c.key_size), positions, c.rope_base)
         k = layers.rope(k.reshape(b, t, c.num_kv_heads, c.key_size), positions, c.rope_base)
         v = v.reshape(b, t, c.num_kv_heads, c.key_size)
-        new_cache = None
+        new_cache = cached = None
         if cache is not None:
             k_cache, v_cache, layer, kv_len = cache
             k_cache = write_cache(k_cache, k, layer, positions)
             v_cache = write_cache(v_cache, v, layer, positions)
             new_cache = (k_cache, v_cache)
-            k = read_cache(k_cache, layer, kv_len, dtype)
-            v = read_cache(v_cache, layer, kv_len, dtype)
+            if CachedLayer.applies(k_cache, b * t, stacked):
+                cached = CachedLayer(k_cache, v_cache, layer, kv_len)
+                k = v = None
+            else:
+                k = read_cache(k_cache, layer, kv_len, dtype)
+                v = read_cache(v_cache, layer, kv_len, dtype)
         else:  # the keys are this call's tokens
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        o = attend(q, k, v, mask, c)
+        o = attend(q, k, v, mask, c, cached)
         unrounded = self.rounding == "release" and self.formats["linear"].quantized
         return project("linear", o, d, layers.F32 if unrounded else dtype), new_cache

@@ -1,5 +1,5 @@
-"""The native CPU int8 kernel (`grok1.kernels`) against a NumPy reference, and the model and
-engine with and without it."""
+"""The native CPU kernels (`grok1.kernels`: int8 matrix products, attention over the KV cache)
+against NumPy references, and the model and engine with and without them."""
 
 from __future__ import annotations
 
@@ -96,6 +96,45 @@ def test_selection_out_of_range_is_an_error():
         )
 
 
+def random_cache(rng, shape):
+    """bf16 values and their uint16 bits, as `grok1.cache` stores them."""
+    values = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+    return values.astype(np.float32), values.view(np.uint16)
+
+
+@pytest.mark.parametrize(
+    "b,kv,r,s,sc,dh",
+    [
+        (1, 2, 4, 37, 64, 64),  # one decode step: groups of four keys plus a remainder
+        (3, 1, 6, 128, 130, 16),  # several rows: row blocks of four plus two
+        (2, 2, 5, 70, 96, 24),  # a head size with a scalar tail past 16 columns
+    ],
+)
+def test_attention_products_match_numpy(b, kv, r, s, sc, dh):
+    rng = np.random.default_rng(s)
+    layers, layer = 3, 1
+    keys, k_bits = random_cache(rng, (layers, b, kv, sc, dh))
+    values, v_bits = random_cache(rng, (layers, b, kv, sc, dh))
+    q = bf16_round(rng.standard_normal((b, kv, r, dh)))
+    p = bf16_round(rng.uniform(0, 1, (b, kv, r, s)))
+    scores = kernels.attend_scores(jnp.asarray(q), jnp.asarray(k_bits), jnp.int32(layer), s)
+    expected = np.einsum("bkrd,bksd->bkrs", q.astype(np.float64), keys[layer, :, :, :s])
+    np.testing.assert_allclose(
+        np.asarray(scores), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )
+    out = kernels.attend_values(jnp.asarray(p), jnp.asarray(v_bits), jnp.int32(layer))
+    expected = np.einsum("bkrs,bksd->bkrd", p.astype(np.float64), values[layer, :, :, :s])
+    np.testing.assert_allclose(
+        np.asarray(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )
+
+
+def test_attention_layer_out_of_range_is_an_error():
+    cache = jnp.zeros((2, 1, 1, 8, 16), jnp.uint16)
+    with pytest.raises(Exception, match="layer 2 is outside"):
+        jax.block_until_ready(kernels.attend_scores(jnp.zeros((1, 1, 1, 16)), cache, 2, 8))
+
+
 CONFIG = ModelConfig.preset("tiny")
 
 
@@ -118,6 +157,36 @@ def test_model_with_kernels_equals_model_without(dtype):
         # the same values up to float32 summation order, which can move a bf16 rounding by 1 ulp
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05, rtol=0.02)
         assert (np.asarray(a).argmax(-1) == np.asarray(b).argmax(-1)).mean() > 0.95
+
+
+def test_cached_steps_with_kernels_equal_steps_without():
+    """Prefill then decode through the KV cache: the attention kernel reads the stacked cache
+    in place (and the int8 kernel computes the projections); XLA slices and widens it."""
+    from grok1.cache import KVCache
+
+    with_k = Grok1(CONFIG, WeightFormats.release(CONFIG))
+    without = Grok1(CONFIG, WeightFormats.release(CONFIG), cpu_kernels=False)
+    params = with_k.init(jax.random.PRNGKey(3))
+    rng = np.random.default_rng(4)
+    batch, prompt, capacity, kv_len = 2, 6, 32, 16
+    tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (batch, prompt + 2)), jnp.int32)
+    results = []
+    for model in (with_k, without):
+        cache = KVCache.zeros(CONFIG, batch, capacity, model.compute_dtype)
+        kv = (cache.k, cache.v)
+        step = jax.jit(model.apply, static_argnames="kv_len")
+        logits = []
+        for start, stop in ((0, prompt), (prompt, prompt + 1), (prompt + 1, prompt + 2)):
+            positions = jnp.broadcast_to(jnp.arange(start, stop), (batch, stop - start))
+            mask = positions[:, :, None] >= jnp.arange(kv_len)[None, None, :]
+            args = (params, tokens[:, start:stop], positions, mask, kv)
+            hlo = step.lower(*args, kv_len=kv_len).as_text()
+            assert ("grok1_attend_scores" in hlo) == (model is with_k)
+            out, kv = step(*args, kv_len=kv_len)
+            logits.append(np.asarray(out.astype(jnp.float32)))
+        results.append(np.concatenate(logits, axis=1))
+    np.testing.assert_allclose(results[0], results[1], atol=0.05, rtol=0.02)
+    assert (results[0].argmax(-1) == results[1].argmax(-1)).mean() > 0.95
 
 
 def test_disabled_by_environment():

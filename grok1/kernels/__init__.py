@@ -1,11 +1,13 @@
 """Native CPU kernels, built on first use with the system C++ compiler.
 
 XLA:CPU turns an int8 weight into float32 in memory before multiplying it, which moves several
-bytes per one-byte weight; `q8_matmul.cc` dequantises in registers instead (see that file). It is
-an XLA FFI custom call, compiled once per machine into a cache directory and registered with
-JAX. Everything here is optional: without a compiler, on a non-CPU backend, or with
-`GROK1_CPU_KERNELS=0`, `available()` is False and the model uses its pure-JAX paths, which
-compute the same values (up to float32 summation order).
+bytes per one-byte weight; `q8_matmul.cc` dequantises in registers instead (see that file). It
+also widens (and transposes) a layer of the bf16 KV cache into float32 before attention's
+products; `attend.cc` reads the cache in place. They are XLA FFI custom calls, compiled once per
+machine into one library in a cache directory and registered with JAX. Everything here is
+optional: without a compiler, on a non-CPU backend, or with `GROK1_CPU_KERNELS=0`, `available()`
+is False and the model uses its pure-JAX paths, which compute the same values (up to float32
+summation order).
 
 Environment: `GROK1_CPU_KERNELS=0` disables the kernels; `GROK1_CACHE_DIR` (default
 `$XDG_CACHE_HOME/grok1` or `~/.cache/grok1`) holds the built library; `CXX` names the compiler.
@@ -27,8 +29,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-TARGET = "grok1_q8_matmul"
-SOURCE = Path(__file__).with_name("q8_matmul.cc")
+F32 = jnp.float32
+
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "q8_matmul.cc", _HERE / "attend.cc")
+HEADERS = (_HERE / "parallel.h",)
+TARGETS = {  # custom-call target: the library's handler symbol
+    "grok1_q8_matmul": "Grok1Q8Matmul",
+    "grok1_attend_scores": "Grok1AttendScores",
+    "grok1_attend_values": "Grok1AttendValues",
+}
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "library": ctypes.CDLL
@@ -58,22 +68,23 @@ def _build(cxx: str) -> Path:
     include = jax.ffi.include_dir()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), include.encode(), jax.__version__.encode(),
-                 version.stdout.encode(), _cpu_signature().encode()):  # fmt: skip
-        key.update(part)
-    target = _cache_dir() / f"q8_matmul-{key.hexdigest()[:16]}.so"
+    for path in (*SOURCES, *HEADERS):
+        key.update(path.read_bytes())
+    for part in (include, jax.__version__, version.stdout, _cpu_signature()):
+        key.update(part.encode())
+    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty():  # a one-time pause of several seconds: say why
-        print(f"[grok1] building the CPU int8 kernel into {target.parent} (once)", file=sys.stderr)
+        print(f"[grok1] building the CPU kernels into {target.parent} (once)", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         # -ffp-contract=off: the kernel's rounding is a float split that a fused multiply-add
         # would silently undo (GCC contracts even intrinsics by default)
         cmd = [*compiler, "-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared",
-               "-fPIC", "-w", "-I", include, str(SOURCE), "-o", tmp]  # fmt: skip
+               "-fPIC", "-w", "-I", include, *map(str, SOURCES), "-o", tmp]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -81,9 +92,10 @@ def _build(cxx: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for stale in target.parent.glob("q8_matmul-*.so"):  # builds of older sources or compilers
-        if stale != target:
-            stale.unlink(missing_ok=True)
+    for pattern in ("kernels-*.so", "q8_matmul-*.so"):  # builds of older sources or compilers
+        for stale in target.parent.glob(pattern):
+            if stale != target:
+                stale.unlink(missing_ok=True)
     return target
 
 
@@ -91,7 +103,10 @@ def _load() -> None:
     if os.environ.get("GROK1_CPU_KERNELS", "1") == "0":
         raise RuntimeError("disabled by GROK1_CPU_KERNELS=0")
     library = ctypes.cdll.LoadLibrary(str(_build(os.environ.get("CXX", "c++"))))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.Grok1Q8Matmul), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
     _state["library"] = library
 
 
@@ -121,5 +136,29 @@ def q8_matmul(x: jax.Array, q: jax.Array, scales: jax.Array, sel: jax.Array, rou
     `available()` first.
     """
     r, o = x.shape[0], q.shape[-1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((r, o), jnp.float32))
+    call = jax.ffi.ffi_call("grok1_q8_matmul", jax.ShapeDtypeStruct((r, o), jnp.float32))
     return call(x.astype(jnp.float32), q, scales, sel.astype(jnp.int32), rounded=bool(rounded))
+
+
+def attend_scores(q: jax.Array, cache: jax.Array, layer: jax.Array, kv_len: int) -> jax.Array:
+    """`s[b, k, r, j] = q[b, k, r] . K[layer, b, k, j]` for j < kv_len, in float32.
+
+    q: [B, Kv, R, Dh] (cast to float32); cache: [L, B, Kv, Sc, Dh] uint16 (bf16 bits, see
+    `grok1.cache.storage_dtype`), read in place; layer: int32 scalar; kv_len <= Sc (static).
+    Returns [B, Kv, R, kv_len]. CPU only; call `available()` first.
+    """
+    b, kv, r, _ = q.shape
+    call = jax.ffi.ffi_call("grok1_attend_scores", jax.ShapeDtypeStruct((b, kv, r, kv_len), F32))
+    return call(q.astype(F32), cache, jnp.asarray(layer, jnp.int32))
+
+
+def attend_values(p: jax.Array, cache: jax.Array, layer: jax.Array) -> jax.Array:
+    """`o[b, k, r] = sum_j p[b, k, r, j] V[layer, b, k, j]` in float32, over j < p.shape[-1].
+
+    p: [B, Kv, R, S] (cast to float32); cache: [L, B, Kv, Sc, Dh] uint16 (bf16 bits), read in
+    place, S <= Sc; layer: int32 scalar. Returns [B, Kv, R, Dh]. CPU only.
+    """
+    b, kv, r, _ = p.shape
+    dh = cache.shape[-1]
+    call = jax.ffi.ffi_call("grok1_attend_values", jax.ShapeDtypeStruct((b, kv, r, dh), F32))
+    return call(p.astype(F32), cache, jnp.asarray(layer, jnp.int32))

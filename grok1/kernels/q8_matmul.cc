@@ -9,18 +9,17 @@
 // XLA:CPU does not fuse the int8 -> float conversion into its dot kernels, so without this kernel
 // every selected matrix is first written out in float32 and read back (several bytes moved per
 // one-byte weight). Here each weight is loaded once as int8, dequantised and rounded in registers
-// and multiplied into float32 accumulators. Rows that select the same matrix share one pass over
+// and multiplied into float32 accumulators (unrounded weights skip the dequantisation: the scales
+// multiply the sums of each group instead). Rows that select the same matrix share one pass over
 // it. Products of bf16-exact values are exact in float32, so only the summation order differs
 // from a float32 dot. Work is split into (matrix, column block) tasks run on XLA's intra-op
 // thread pool; the calling thread takes tasks too, so it never waits for a task nobody runs.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -28,6 +27,7 @@
 #define GROK1_AVX2 1
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -90,33 +90,43 @@ void ScalarColumns(const Problem& p, const int8_t* q, const uint16_t* s, const i
 #ifdef GROK1_AVX2
 constexpr int64_t kTileRows = 16;  // matrix rows per tile (see Columns)
 
-// Eight int8 weights times their scales, rounded to bfloat16 (kept in float32) if `rounded`.
-// The rounding is Veltkamp's split: c = w * (2^16 + 1), hi = c - (c - w) is w rounded to
-// 24 - 16 = 8 significant bits, to nearest. An int8 times a bf16 scale is exact in float32 with
-// at most 16 significant bits, and over every int8 value and every bf16 significand the split
-// equals round-to-nearest-even (tests/test_kernels.py checks all of them); three float ops
-// instead of five integer ones on the bits. Built with -ffp-contract=off: a compiler that
-// fused c - w into an FMA would skip the rounding of c and return w unrounded.
-inline __m256 Dequant8(const int8_t* q, __m256 scale, bool rounded) {
+// Eight int8 weights as float32.
+inline __m256 Int8x8(const int8_t* q) {
   __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-  __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), scale);
-  if (!rounded) return w;
-  const __m256 c = _mm256_mul_ps(w, _mm256_set1_ps(65537.0f));
-  return _mm256_sub_ps(c, _mm256_sub_ps(c, w));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// Eight int8 weights times their scales `s`, rounded to bfloat16 (kept in float32). The
+// rounding is Veltkamp's split of w = q * s (exact in float32: at most 16 significant bits):
+// c = fl(w * (2^16 + 1)), hi = fl(c - fl(c - w)) is w rounded to 24 - 16 = 8 significant bits,
+// to nearest; over every int8 value and every bf16 significand it equals round-to-nearest-even
+// (tests/test_kernels.py checks all of them). Here w is never formed on its own:
+// `sc` = s * (2^16 + 1) is exact in float32 (8 + 16 bits), so fl(q * sc) = fl(w * (2^16 + 1)),
+// and one fused multiply-subtract gives fl(q * s - c) = -fl(c - w). Four float ops per eight
+// weights. Built with -ffp-contract=off: a compiler that fused c's multiply into the add
+// would skip the rounding of c and return w unrounded.
+inline __m256 Dequant8Rounded(const int8_t* q, const float* s, const float* sc) {
+  const __m256 qf = Int8x8(q);
+  const __m256 c = _mm256_mul_ps(qf, _mm256_loadu_ps(sc));
+  const __m256 d = _mm256_fmsub_ps(qf, _mm256_loadu_ps(s), c);
+  return _mm256_add_ps(c, d);
 }
 
 // Rows [i0, i1) of the matrix times columns [c, c + 8 * NV), for RB rows of x (`rows`), into
-// their accumulators (`acc` + r * width). Each weight is dequantised once per call and the
-// RB x NV accumulators stay in registers.
-template <int NV, int RB>
-inline void Tile(const Problem& p, const int8_t* q, const float* sg, const int64_t* rows,
-                 int64_t i0, int64_t i1, int64_t c0, int64_t c, int64_t width, float* acc) {
-  __m256 scale[NV], a[RB][NV];
+// their accumulators (`acc` + r * width). Rounded: the weights are dequantised and rounded
+// (scales `sg`, `sgc` = sg * (2^16 + 1)); otherwise the int8 values themselves are multiplied
+// in and the caller applies the group's scales to the sums (see Columns). Each weight is
+// converted once per call and the RB x NV accumulators stay in registers.
+template <int NV, int RB, bool kRounded>
+__attribute__((always_inline)) inline void Tile(const Problem& p, const int8_t* q, const float* sg,
+                                                const float* sgc, const int64_t* rows, int64_t i0,
+                                                int64_t i1, int64_t off, int64_t c, int64_t width,
+                                                float* acc) {
+  __m256 a[RB][NV];
   const float* x[RB];
-  for (int v = 0; v < NV; ++v) scale[v] = _mm256_loadu_ps(sg + (c - c0) + 8 * v);
   for (int r = 0; r < RB; ++r) {
     x[r] = p.x + rows[r] * p.I;
-    for (int v = 0; v < NV; ++v) a[r][v] = _mm256_loadu_ps(acc + r * width + (c - c0) + 8 * v);
+    for (int v = 0; v < NV; ++v) a[r][v] = _mm256_loadu_ps(acc + r * width + off + 8 * v);
   }
   for (int64_t i = i0; i < i1; ++i) {
     const int8_t* qi = q + i * p.O + c;
@@ -124,59 +134,74 @@ inline void Tile(const Problem& p, const int8_t* q, const float* sg, const int64
       _mm_prefetch(reinterpret_cast<const char*>(qi + kTileRows * p.O), _MM_HINT_T0);
     }
     __m256 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = Dequant8(qi + 8 * v, scale[v], p.rounded);
+    for (int v = 0; v < NV; ++v) {
+      w[v] = kRounded ? Dequant8Rounded(qi + 8 * v, sg + off + 8 * v, sgc + off + 8 * v)
+                      : Int8x8(qi + 8 * v);
+    }
     for (int r = 0; r < RB; ++r) {
       const __m256 xi = _mm256_set1_ps(x[r][i]);
       for (int v = 0; v < NV; ++v) a[r][v] = _mm256_fmadd_ps(xi, w[v], a[r][v]);
     }
   }
   for (int r = 0; r < RB; ++r) {
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + r * width + (c - c0) + 8 * v, a[r][v]);
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + r * width + off + 8 * v, a[r][v]);
   }
 }
 
-// Tile over any number of rows: one row with 64-column register blocks, several in groups of
-// up to four rows with 16-column blocks (so that accumulators still fit in registers).
-template <int NV1, int NV4>
-inline void Tiles(const Problem& p, const int8_t* q, const float* sg, const int64_t* rows,
-                  int64_t n_rows, int64_t i0, int64_t i1, int64_t c0, int64_t c, int64_t width,
-                  float* acc) {
-  if (n_rows == 1) {
-    Tile<NV1, 1>(p, q, sg, rows, i0, i1, c0, c, width, acc);
-    return;
+// Columns [c0, c1) of RB rows over matrix rows [i0, i1): register blocks of NV vectors, as wide
+// as the RB x NV accumulators, NV weights and the dequantisation's temporaries allow in sixteen
+// registers, then single vectors.
+template <int RB, bool kRounded>
+inline void RowGroup(const Problem& p, const int8_t* q, const float* sg, const float* sgc,
+                     const int64_t* rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1,
+                     float* acc) {
+  constexpr int NV = RB <= 2 ? 4 : (RB == 3 ? 3 : 2);
+  const int64_t width = c1 - c0;
+  int64_t c = c0;
+  for (; c + 8 * NV <= c1; c += 8 * NV) {
+    Tile<NV, RB, kRounded>(p, q, sg, sgc, rows, i0, i1, c - c0, c, width, acc);
   }
-  for (int64_t cc = c; cc < c + 8 * NV1; cc += 8 * NV4) {
-    int64_t r = 0;
-    for (; r + 4 <= n_rows; r += 4) {
-      Tile<NV4, 4>(p, q, sg, rows + r, i0, i1, c0, cc, width, acc + r * width);
-    }
-    float* rest = acc + r * width;
-    switch (n_rows - r) {
-      case 3: Tile<NV4, 3>(p, q, sg, rows + r, i0, i1, c0, cc, width, rest); break;
-      case 2: Tile<NV4, 2>(p, q, sg, rows + r, i0, i1, c0, cc, width, rest); break;
-      case 1: Tile<NV4, 1>(p, q, sg, rows + r, i0, i1, c0, cc, width, rest); break;
-      default: break;
-    }
-  }
+  for (; c < c1; c += 8) Tile<1, RB, kRounded>(p, q, sg, sgc, rows, i0, i1, c - c0, c, width, acc);
 }
 
 // Columns [c0, c1) (a multiple of 8 wide) of `n_rows` rows that share one matrix. The matrix is
-// walked in tiles of kTileRows rows: within a tile, 64-column blocks are accumulated in
-// registers, so the tile's few pages and lines are reused across blocks while the next tile's
-// lines are prefetched. `sf`: this range's scales in float32, [G][c1 - c0]. `acc`: float32
-// accumulators, [n_rows][c1 - c0].
-void Columns(const Problem& p, const int8_t* q, const float* sf, const int64_t* rows,
-             int64_t n_rows, int64_t c0, int64_t c1, float* acc) {
+// walked in tiles of kTileRows rows: within a tile, each group of up to four rows accumulates
+// register blocks of columns (RowGroup), so the tile's few pages and lines are reused across
+// blocks and row groups while the next tile's lines are prefetched. `sf`: this range's scales in float32, [G][c1 - c0]; `sfc`: the same
+// times 2^16 + 1 (rounded only). `acc`, `part`: float32 scratch, [n_rows][c1 - c0] each.
+//
+// Unrounded weights q * s need no conversion of their own: within a scale group the sum
+// x . (q * s) is accumulated as (x . q) * s, one multiply per group and column instead of one
+// per weight (the same products, rounded in a different order).
+template <bool kRounded>
+void Columns(const Problem& p, const int8_t* q, const float* sf, const float* sfc,
+             const int64_t* rows, int64_t n_rows, int64_t c0, int64_t c1, float* acc,
+             float* part) {
   const int64_t per_group = p.I / p.G;
   const int64_t width = c1 - c0;
-  std::fill(acc, acc + n_rows * width, 0.0f);
+  const int64_t n = n_rows * width;
+  std::fill(acc, acc + n, 0.0f);
   for (int64_t g = 0; g < p.G; ++g) {
     const float* sg = sf + g * width;
+    const float* sgc = kRounded ? sfc + g * width : nullptr;
+    float* sums = kRounded ? acc : part;
+    if (!kRounded) std::fill(part, part + n, 0.0f);
     for (int64_t i0 = g * per_group; i0 < (g + 1) * per_group; i0 += kTileRows) {
       const int64_t i1 = std::min(i0 + kTileRows, (g + 1) * per_group);
-      int64_t c = c0;
-      for (; c + 64 <= c1; c += 64) Tiles<8, 2>(p, q, sg, rows, n_rows, i0, i1, c0, c, width, acc);
-      for (; c < c1; c += 8) Tiles<1, 1>(p, q, sg, rows, n_rows, i0, i1, c0, c, width, acc);
+      for (int64_t r = 0; r < n_rows; r += 4) {  // rows in groups of up to four
+        float* a = sums + r * width;
+        switch (std::min<int64_t>(4, n_rows - r)) {
+          case 1: RowGroup<1, kRounded>(p, q, sg, sgc, rows + r, i0, i1, c0, c1, a); break;
+          case 2: RowGroup<2, kRounded>(p, q, sg, sgc, rows + r, i0, i1, c0, c1, a); break;
+          case 3: RowGroup<3, kRounded>(p, q, sg, sgc, rows + r, i0, i1, c0, c1, a); break;
+          default: RowGroup<4, kRounded>(p, q, sg, sgc, rows + r, i0, i1, c0, c1, a); break;
+        }
+      }
+    }
+    if (!kRounded) {
+      for (int64_t r = 0; r < n_rows; ++r) {
+        for (int64_t j = 0; j < width; ++j) acc[r * width + j] += part[r * width + j] * sg[j];
+      }
     }
   }
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -194,33 +219,27 @@ void RunTask(const Problem& p, const Task& t, const int64_t* rows) {
 #ifdef GROK1_AVX2
   const int64_t width = (t.col_end - t.col_begin) / 8 * 8;  // vector columns; the rest: scalar
   if (width > 0) {
-    std::unique_ptr<float[]> sf(new float[p.G * width]);  // their scales in float32, [G][width]
+    // this range's scales in float32 ([G][width]), then (rounded) times 2^16 + 1, and scratch
+    std::unique_ptr<float[]> buf(new float[2 * p.G * width + 2 * n_rows * width]);
+    float* sf = buf.get();
+    float* sfc = sf + p.G * width;
+    float* acc = sfc + p.G * width;
     for (int64_t g = 0; g < p.G; ++g) {
-      for (int64_t j = 0; j < width; ++j) sf[g * width + j] = Bf16ToF32(s[g * p.O + c + j]);
+      for (int64_t j = 0; j < width; ++j) {
+        sf[g * width + j] = Bf16ToF32(s[g * p.O + c + j]);
+        sfc[g * width + j] = sf[g * width + j] * 65537.0f;  // exact: 8 + 16 significant bits
+      }
     }
-    std::unique_ptr<float[]> acc(new float[n_rows * width]);
-    Columns(p, q, sf.get(), task_rows, n_rows, c, c + width, acc.get());
+    if (p.rounded) {
+      Columns<true>(p, q, sf, sfc, task_rows, n_rows, c, c + width, acc, acc + n_rows * width);
+    } else {
+      Columns<false>(p, q, sf, sfc, task_rows, n_rows, c, c + width, acc, acc + n_rows * width);
+    }
     c += width;
   }
 #endif
   if (c < t.col_end) ScalarColumns(p, q, s, task_rows, n_rows, c, t.col_end);
 }
-
-struct Job {
-  Problem problem;
-  std::vector<int64_t> rows;  // row ids sorted by selected matrix
-  std::vector<Task> tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    const int64_t n = static_cast<int64_t>(tasks.size());
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      RunTask(problem, tasks[t], rows.data());
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
 
 ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                         ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> sel,
@@ -242,24 +261,24 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       G <= 0 || I % G != 0) {
     return ffi::Error::InvalidArgument("grok1_q8_matmul: inconsistent shapes");
   }
-  auto job = std::make_shared<Job>();
-  job->problem = Problem{x.typed_data(), q.typed_data(),
-                         static_cast<const uint16_t*>(scales.untyped_data()), y->typed_data(),
-                         I, O, G, rounded};
+  const Problem problem{x.typed_data(), q.typed_data(),
+                        static_cast<const uint16_t*>(scales.untyped_data()), y->typed_data(),
+                        I, O, G, rounded};
   const int32_t* selected = sel.typed_data();
+  std::vector<int64_t> rows;  // row ids sorted by selected matrix
   for (int64_t r = 0; r < R; ++r) {
     if (selected[r] < 0 || selected[r] >= M) {
       return ffi::Error::InvalidArgument("grok1_q8_matmul: sel[" + std::to_string(r) + "] = " +
                                          std::to_string(selected[r]) + " is outside [0, " +
                                          std::to_string(M) + ")");
     }
-    job->rows.push_back(r);
+    rows.push_back(r);
   }
-  std::stable_sort(job->rows.begin(), job->rows.end(),
+  std::stable_sort(rows.begin(), rows.end(),
                    [&](int64_t a, int64_t b) { return selected[a] < selected[b]; });
   std::vector<int64_t> group_begin;  // runs of rows that select the same matrix
   for (int64_t r = 0; r < R; ++r) {
-    if (r == 0 || selected[job->rows[r]] != selected[job->rows[r - 1]]) group_begin.push_back(r);
+    if (r == 0 || selected[rows[r]] != selected[rows[r - 1]]) group_begin.push_back(r);
   }
   group_begin.push_back(R);
   const int64_t groups = static_cast<int64_t>(group_begin.size()) - 1;
@@ -269,18 +288,15 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   while (task_cols > 64 && groups * ((O + task_cols - 1) / task_cols) < 2 * threads) {
     task_cols /= 2;
   }
+  std::vector<Task> tasks;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = group_begin[g], end = group_begin[g + 1];
     for (int64_t c = 0; c < O; c += task_cols) {
-      job->tasks.push_back(
-          Task{selected[job->rows[begin]], begin, end, c, std::min(O, c + task_cols)});
+      tasks.push_back(Task{selected[rows[begin]], begin, end, c, std::min(O, c + task_cols)});
     }
   }
-  const int64_t n_tasks = static_cast<int64_t>(job->tasks.size());
-  const int64_t helpers = std::min<int64_t>(threads, n_tasks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < n_tasks) std::this_thread::yield();
+  grok1::ParallelFor(pool, static_cast<int64_t>(tasks.size()), threads,
+                     [&](int64_t t) { RunTask(problem, tasks[t], rows.data()); });
   return ffi::Error::Success();
 }
 

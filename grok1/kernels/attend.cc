@@ -1,0 +1,220 @@
+// Attention's two products over one layer of the stacked KV cache, for XLA:CPU (XLA FFI).
+//
+//   grok1_attend_scores:  s[b, k, r, j] = sum_d q[b, k, r, d] * K[layer, b, k, j, d]
+//   grok1_attend_values:  o[b, k, r, d] = sum_j p[b, k, r, j] * V[layer, b, k, j, d]
+//
+// q, p, s, o: float32; K, V: the whole cache [L, B, Kv, Sc, Dh] of bfloat16 stored as uint16 bits
+// (grok1.cache.storage_dtype); layer: int32 scalar. j runs over the first S slots, S being the
+// last dimension of s (scores) or of p (values), S <= Sc. Rows r are the query heads of one KV
+// head for each query token.
+//
+// Without these, XLA:CPU slices the layer out of the cache, widens it to float32 (and, for the
+// values, transposes it) before each product: several passes over the cache per step. Here each
+// cached bf16 is read once, widened in registers, and multiplied in float32. Products of bf16
+// values are exact in float32, so only the summation order differs from XLA's dot. Work is one
+// task per (b, k) pair.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GROK1_AVX2 1
+#endif
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kChunk = 64;  // cached rows widened to float32 at a time (scores)
+
+inline float Bf16ToF32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One (b, k) pair: q [R, Dh], cached rows [S, Dh] (bf16 bits), s [R, S].
+void Scores(const float* q, const uint16_t* cached, float* s, int64_t R, int64_t S, int64_t Dh) {
+  std::vector<float> rows(kChunk * Dh);  // a chunk of cached rows in float32
+  for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, S - j0);
+    for (int64_t i = 0; i < n * Dh; ++i) rows[i] = Bf16ToF32(cached[j0 * Dh + i]);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* qr = q + r * Dh;
+      float* sr = s + r * S + j0;
+      int64_t j = 0;
+#ifdef GROK1_AVX2
+      if (Dh % 8 == 0) {
+        for (; j + 4 <= n; j += 4) {  // four dot products at once, summed across lanes together
+          const float* k0 = rows.data() + j * Dh;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+          for (int64_t d = 0; d < Dh; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(qr + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + Dh + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+          }
+          const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+          _mm_storeu_ps(sr + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
+      }
+#endif
+      for (; j < n; ++j) {
+        const float* kj = rows.data() + j * Dh;
+        float acc = 0.0f;
+        for (int64_t d = 0; d < Dh; ++d) acc += qr[d] * kj[d];
+        sr[j] = acc;
+      }
+    }
+  }
+}
+
+#ifdef GROK1_AVX2
+inline __m256 Widen8(const uint16_t* bits) {  // eight bf16 (as bits) to float32
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+
+// Columns [d0, d0 + 16) of NR rows of o: 2 x NR accumulators in registers over all S slots.
+template <int NR>
+inline void ValuesBlock(const float* p, const uint16_t* cached, float* o, int64_t S, int64_t Dh,
+                        int64_t d0) {
+  __m256 a[NR][2];
+  for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < S; ++j) {
+    const __m256 v0 = Widen8(cached + j * Dh + d0);
+    const __m256 v1 = Widen8(cached + j * Dh + d0 + 8);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 pr = _mm256_set1_ps(p[r * S + j]);
+      a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    _mm256_storeu_ps(o + r * Dh + d0, a[r][0]);
+    _mm256_storeu_ps(o + r * Dh + d0 + 8, a[r][1]);
+  }
+}
+#endif
+
+// One (b, k) pair: p [R, S], cached rows [S, Dh] (bf16 bits), o [R, Dh].
+void Values(const float* p, const uint16_t* cached, float* o, int64_t R, int64_t S, int64_t Dh) {
+  int64_t d0 = 0;
+#ifdef GROK1_AVX2
+  // blocks of 16 columns by up to 4 rows, each cached row widened once per block
+  for (; d0 + 16 <= Dh; d0 += 16) {
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const float* pr = p + r0 * S;
+      float* orow = o + r0 * Dh;
+      switch (std::min<int64_t>(4, R - r0)) {
+        case 1: ValuesBlock<1>(pr, cached, orow, S, Dh, d0); break;
+        case 2: ValuesBlock<2>(pr, cached, orow, S, Dh, d0); break;
+        case 3: ValuesBlock<3>(pr, cached, orow, S, Dh, d0); break;
+        default: ValuesBlock<4>(pr, cached, orow, S, Dh, d0); break;
+      }
+    }
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {  // the remaining columns (all of them without AVX2)
+    for (int64_t d = d0; d < Dh; ++d) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < S; ++j) acc += p[r * S + j] * Bf16ToF32(cached[j * Dh + d]);
+      o[r * Dh + d] = acc;
+    }
+  }
+}
+
+// Checks shapes: x [B, Kv, R, X], cache [L, B, Kv, Sc, Dh], layer in [0, L), S <= Sc. Fills the
+// sizes and the offset of this layer in the cache.
+ffi::Error Check(const char* name, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
+                 ffi::Span<const int64_t> yd, int32_t layer, int64_t S, int64_t* B, int64_t* Kv,
+                 int64_t* R, int64_t* Sc, int64_t* Dh, int64_t* offset) {
+  const std::string prefix = std::string(name) + ": ";
+  if (xd.size() != 4 || cd.size() != 5 || yd.size() != 4) {
+    return ffi::Error::InvalidArgument(prefix + "expected rank-4 operands and a rank-5 cache");
+  }
+  *B = xd[0], *Kv = xd[1], *R = xd[2], *Sc = cd[3], *Dh = cd[4];
+  if (cd[1] != *B || cd[2] != *Kv || yd[0] != *B || yd[1] != *Kv || yd[2] != *R || S > *Sc) {
+    return ffi::Error::InvalidArgument(prefix + "inconsistent shapes");
+  }
+  if (layer < 0 || layer >= cd[0]) {
+    return ffi::Error::InvalidArgument(prefix + "layer " + std::to_string(layer) +
+                                       " is outside [0, " + std::to_string(cd[0]) + ")");
+  }
+  *offset = layer * (*B) * (*Kv) * (*Sc) * (*Dh);
+  return ffi::Error::Success();
+}
+
+// Threads for `bytes` of cache: small reads are not worth waking the pool.
+int64_t ThreadsFor(const ffi::ThreadPool& pool, int64_t bytes) {
+  return bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
+}
+
+ffi::Error ScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> cache,
+                      ffi::BufferR0<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> s) {
+  int64_t B, Kv, R, Sc, Dh, offset;
+  const int64_t S = s->dimensions().back();
+  if (auto e = Check("grok1_attend_scores", q.dimensions(), cache.dimensions(), s->dimensions(),
+                     layer.typed_data()[0], S, &B, &Kv, &R, &Sc, &Dh, &offset);
+      e.failure()) {
+    return e;
+  }
+  if (q.dimensions()[3] != Dh) {
+    return ffi::Error::InvalidArgument("grok1_attend_scores: q's last dimension is not Dh");
+  }
+  const float* qd = q.typed_data();
+  const uint16_t* cd = cache.typed_data() + offset;
+  float* sd = s->typed_data();
+  grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
+    Scores(qd + t * R * Dh, cd + t * Sc * Dh, sd + t * R * S, R, S, Dh);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ValuesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U16> cache,
+                      ffi::BufferR0<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> o) {
+  int64_t B, Kv, R, Sc, Dh, offset;
+  const int64_t S = p.dimensions().back();
+  if (auto e = Check("grok1_attend_values", p.dimensions(), cache.dimensions(), o->dimensions(),
+                     layer.typed_data()[0], S, &B, &Kv, &R, &Sc, &Dh, &offset);
+      e.failure()) {
+    return e;
+  }
+  if (o->dimensions()[3] != Dh) {
+    return ffi::Error::InvalidArgument("grok1_attend_values: o's last dimension is not Dh");
+  }
+  const float* pd = p.typed_data();
+  const uint16_t* cd = cache.typed_data() + offset;
+  float* od = o->typed_data();
+  grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
+    Values(pd + t * R * S, cd + t * Sc * Dh, od + t * R * Dh, R, S, Dh);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendScores, ScoresImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendValues, ValuesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
