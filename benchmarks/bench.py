@@ -13,9 +13,10 @@ per batch size:
   * decode tokens/s: `--steps` decode steps inside the engine's jitted while loop (one call, all
     rows active, greedy), best of `--repeats`, compile excluded; tokens = batch × steps;
   * weight bytes per decode step: what one step must read at least: int8 attention matrices and
-    their scales, router, norms, the embedding table (the tied unembedding reads all of it) and
-    the int8 experts actually touched, counted per layer and step from the router's decisions
-    (recorded in a separate, untimed run of the same steps; their mean is reported);
+    their scales, router, norms, the embedding table as the model uses it (bf16(E) in bf16 mode;
+    the tied unembedding reads all of it) and the int8 experts actually touched, counted per
+    layer and step from the router's decisions (recorded in a separate, untimed run of the same
+    steps; their mean is reported);
   * host memory bandwidth, measured in the same run: best of several reductions of a 1 GiB
     array (NumPy and jitted JAX) and of NumPy copies (counting read + write); the maximum is used;
   * MBU = bytes/step × steps/s ÷ bandwidth.
@@ -74,8 +75,15 @@ def measure_bandwidth(nbytes: int = GiB, repeats: int = 5) -> dict:
 
 
 # -- bytes a decode step reads ----------------------------------------------------------------
-def weight_bytes(config: ModelConfig, formats: WeightFormats, experts_per_layer: float) -> dict:
-    """Bytes of weights a decode step reads, `experts_per_layer` distinct experts per layer."""
+def weight_bytes(
+    config: ModelConfig, formats: WeightFormats, experts_per_layer: float, dtype: str
+) -> dict:
+    """Bytes of weights a decode step reads, `experts_per_layer` distinct experts per layer.
+
+    The embedding table counts as the model uses it, in the activation dtype: the release's
+    float32 table enters the computation only as bf16(E) in bf16 mode (SPEC.md §2), which the
+    decode loop converts once per call.
+    """
     table = param_table(config, formats)
     size = lambda key: int(np.prod(table[key][0])) * np.dtype(table[key][1]).itemsize
     parts = {"embedding": 0, "attention": 0, "router_norms": 0, "experts_all": 0}
@@ -86,7 +94,7 @@ def weight_bytes(config: ModelConfig, formats: WeightFormats, experts_per_layer:
         elif any(module.endswith("/" + m) for m in ATTN_MATRICES):
             parts["attention"] += size(key)
         elif module == "grok1/embed":
-            parts["embedding"] += size(key)
+            parts["embedding"] += int(np.prod(table[key][0])) * np.dtype(dtype).itemsize
         else:
             parts["router_norms"] += size(key)
     parts["experts_touched"] = int(parts["experts_all"] * experts_per_layer / config.num_experts)
@@ -280,7 +288,9 @@ def main(argv=None):
             r["experts_touched"] = count_touched_experts(
                 grok, params, prompts, args.steps, args.max_bucket
             )
-            r["bytes"] = weight_bytes(config, grok.formats, r["experts_touched"]["mean"])
+            r["bytes"] = weight_bytes(
+                config, grok.formats, r["experts_touched"]["mean"], args.dtype
+            )
             r["bytes_per_step"] = r["bytes"]["total"]
             r["achieved_bytes_s"] = r["bytes_per_step"] * r["decode_steps_s"]
             r["mbu"] = r["achieved_bytes_s"] / bw["best"]

@@ -173,11 +173,24 @@ class DecoderLayer(hk.Module):
         return layers.round_to(h, dtype) + norm(3, m, m.dtype).astype(F32), cache
 
 
-def _usable_embedding(e: jax.Array, dtype) -> jax.Array:
-    """The [V, D] table as the model uses it (see `Grok1.embedding_table`)."""
-    if layers.dots_in_f32():
-        return layers.round_to(e.astype(F32), dtype)
-    return e.astype(dtype)
+def _embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows of a usable table for `tokens`, in float32."""
+    rows = table[tokens]
+    if rows.dtype == jnp.uint16:
+        rows = jax.lax.bitcast_convert_type(rows, layers.BF16)
+    return rows.astype(F32)
+
+
+def _unembed(h: jax.Array, table: jax.Array, dtype) -> jax.Array:
+    """h [B, T, D] @ table.T, rounded to `dtype`; a bf16-bits table goes to the native kernel
+    (few rows) or is widened for XLA's dot (many)."""
+    if table.dtype != jnp.uint16:
+        return layers.dot("btd,vd->btv", h, table, dtype)
+    b, t, d = h.shape
+    if b * t <= layers.KERNEL_MAX_ROWS:
+        return kernels.dot_rows(h.reshape(b * t, d), table).reshape(b, t, -1).astype(dtype)
+    wide = jax.lax.bitcast_convert_type(table, layers.BF16).astype(F32)
+    return layers.dot("btd,vd->btv", h, wide, dtype)
 
 
 def _rounded_sum(x, y, dtype):
@@ -248,11 +261,20 @@ class Grok1:
         return DTYPES[self.dtype]
 
     def embedding_table(self, params) -> jax.Array:
-        """The tied embedding as the model uses it: bf16(E) in bf16 mode. On CPU, where dots run
-        in float32, it is kept in float32 (holding bf16-exact values). A loop that runs many
-        steps computes this once and passes it to `apply(..., table=)`, sparing every step a
-        conversion of the whole [V, D] table."""
-        return _usable_embedding(params["grok1/embed"]["embeddings"], self.compute_dtype)
+        """The tied embedding as the model uses it: bf16(E) in bf16 mode. With the native CPU
+        kernels it is held as its uint16 bits (read in place by `kernels.dot_rows`: half the
+        bytes of float32); on CPU without them, where dots run in float32, in float32 (holding
+        bf16-exact values). A loop that runs many steps computes this once and passes it to
+        `apply(..., table=)`, sparing every step a conversion of the whole [V, D] table."""
+        return self._usable_embedding(params["grok1/embed"]["embeddings"])
+
+    def _usable_embedding(self, e: jax.Array) -> jax.Array:
+        dtype = self.compute_dtype
+        if dtype == jnp.bfloat16 and self.kernel_matrices():
+            return jax.lax.bitcast_convert_type(e.astype(layers.BF16), jnp.uint16)
+        if layers.dots_in_f32():
+            return layers.round_to(e.astype(F32), dtype)
+        return e.astype(dtype)
 
     def _forward(
         self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, stacked=None,
@@ -260,9 +282,9 @@ class Grok1:
     ):  # fmt: skip
         c, dtype = self.config, self.compute_dtype
         embed = Embedding(c, name="embed")()  # bf16(E) in bf16 mode, also for the tied output
-        embed = _usable_embedding(embed, dtype) if table is None else table
+        embed = self._usable_embedding(embed) if table is None else table
         c_in = layers.compute_constant(c.embedding_multiplier_scale, dtype)
-        h = embed[tokens].astype(F32) * c_in.astype(F32)
+        h = _embed(embed, tokens) * c_in.astype(F32)
         if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded
             h = layers.round_to(h, dtype).astype(dtype)
 
@@ -281,7 +303,7 @@ class Grok1:
         if out_index is not None:  # [B, P]: only these positions reach the unembedding
             h = jnp.take_along_axis(h, out_index[:, :, None], axis=1)
         h = RMSNorm(c.norm_eps, name="final_norm")(h, dtype)
-        logits = layers.dot("btd,vd->btv", h, embed, dtype)
+        logits = _unembed(h, embed, dtype)
         c_out = layers.compute_constant(c.output_multiplier_scale, dtype)
         # rounded explicitly, so that a consumer inside the same program (the engine's sampler)
         # sees bf16(logits * c_out) too and not XLA's unrounded float32 product

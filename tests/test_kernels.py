@@ -129,6 +129,20 @@ def test_attention_products_match_numpy(b, kv, r, s, sc, dh):
     )
 
 
+@pytest.mark.parametrize("rows,vocab,d", [(1, 700, 64), (9, 300, 20)])
+def test_dot_rows_matches_numpy(rows, vocab, d):
+    """The unembedding: blocks of table rows per task, four rows at a time plus remainders; a
+    width that is not a multiple of eight takes the scalar path."""
+    rng = np.random.default_rng(vocab)
+    table, bits = random_cache(rng, (vocab, d))
+    x = bf16_round(rng.standard_normal((rows, d)))
+    out = kernels.dot_rows(jnp.asarray(x), jnp.asarray(bits))
+    expected = x.astype(np.float64) @ table.T.astype(np.float64)
+    np.testing.assert_allclose(
+        np.asarray(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )
+
+
 def test_attention_layer_out_of_range_is_an_error():
     cache = jnp.zeros((2, 1, 1, 8, 16), jnp.uint16)
     with pytest.raises(Exception, match="layer 2 is outside"):

@@ -3,11 +3,11 @@
 XLA:CPU turns an int8 weight into float32 in memory before multiplying it, which moves several
 bytes per one-byte weight; `q8_matmul.cc` dequantises in registers instead (see that file). It
 also widens (and transposes) a layer of the bf16 KV cache into float32 before attention's
-products; `attend.cc` reads the cache in place. They are XLA FFI custom calls, compiled once per
-machine into one library in a cache directory and registered with JAX. Everything here is
-optional: without a compiler, on a non-CPU backend, or with `GROK1_CPU_KERNELS=0`, `available()`
-is False and the model uses its pure-JAX paths, which compute the same values (up to float32
-summation order).
+products, and reads the tied embedding in float32; `bf16_dots.cc` reads bf16 in place. They are
+XLA FFI custom calls, compiled once per machine into one library in a cache directory and
+registered with JAX. Everything here is optional: without a compiler, on a non-CPU backend, or
+with `GROK1_CPU_KERNELS=0`, `available()` is False and the model uses its pure-JAX paths, which
+compute the same values (up to float32 summation order).
 
 Environment: `GROK1_CPU_KERNELS=0` disables the kernels; `GROK1_CACHE_DIR` (default
 `$XDG_CACHE_HOME/grok1` or `~/.cache/grok1`) holds the built library; `CXX` names the compiler.
@@ -32,12 +32,13 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "q8_matmul.cc", _HERE / "attend.cc")
+SOURCES = (_HERE / "q8_matmul.cc", _HERE / "bf16_dots.cc")
 HEADERS = (_HERE / "parallel.h",)
 TARGETS = {  # custom-call target: the library's handler symbol
     "grok1_q8_matmul": "Grok1Q8Matmul",
     "grok1_attend_scores": "Grok1AttendScores",
     "grok1_attend_values": "Grok1AttendValues",
+    "grok1_dot_rows": "Grok1DotRows",
 }
 
 _lock = threading.Lock()
@@ -162,3 +163,14 @@ def attend_values(p: jax.Array, cache: jax.Array, layer: jax.Array) -> jax.Array
     dh = cache.shape[-1]
     call = jax.ffi.ffi_call("grok1_attend_values", jax.ShapeDtypeStruct((b, kv, r, dh), F32))
     return call(p.astype(F32), cache, jnp.asarray(layer, jnp.int32))
+
+
+def dot_rows(x: jax.Array, table: jax.Array) -> jax.Array:
+    """`x @ table.T` in float32: x [R, D] (cast to float32), table [V, D] uint16 (bf16 bits).
+
+    The tied unembedding over `Grok1.embedding_table`. CPU only; call `available()` first.
+    """
+    call = jax.ffi.ffi_call(
+        "grok1_dot_rows", jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), F32)
+    )
+    return call(x.astype(F32), table)

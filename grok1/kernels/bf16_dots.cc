@@ -1,18 +1,21 @@
-// Attention's two products over one layer of the stacked KV cache, for XLA:CPU (XLA FFI).
+// float32 x bfloat16 products over arrays of bf16 stored as uint16 bits, for XLA:CPU (XLA FFI):
+// attention's two products over one layer of the stacked KV cache, and the tied unembedding.
 //
 //   grok1_attend_scores:  s[b, k, r, j] = sum_d q[b, k, r, d] * K[layer, b, k, j, d]
 //   grok1_attend_values:  o[b, k, r, d] = sum_j p[b, k, r, j] * V[layer, b, k, j, d]
+//   grok1_dot_rows:       y[r, v]       = sum_d x[r, d] * T[v, d]
 //
-// q, p, s, o: float32; K, V: the whole cache [L, B, Kv, Sc, Dh] of bfloat16 stored as uint16 bits
-// (grok1.cache.storage_dtype); layer: int32 scalar. j runs over the first S slots, S being the
-// last dimension of s (scores) or of p (values), S <= Sc. Rows r are the query heads of one KV
-// head for each query token.
+// q, p, s, o, x, y: float32; K, V: the whole cache [L, B, Kv, Sc, Dh] (grok1.cache.storage_dtype);
+// layer: int32 scalar; T: a [V, D] table. j runs over the first S slots, S being the last
+// dimension of s (scores) or of p (values), S <= Sc. Rows r of q and p are the query heads of
+// one KV head for each query token.
 //
-// Without these, XLA:CPU slices the layer out of the cache, widens it to float32 (and, for the
-// values, transposes it) before each product: several passes over the cache per step. Here each
-// cached bf16 is read once, widened in registers, and multiplied in float32. Products of bf16
-// values are exact in float32, so only the summation order differs from XLA's dot. Work is one
-// task per (b, k) pair.
+// Without these, XLA:CPU slices the layer out of the cache and widens it to float32 (and, for
+// the values, transposes it) before each product, and reads a float32 copy of the embedding
+// table (twice the bytes). Here each bf16 is read once, widened in registers or in a small
+// buffer, and multiplied in float32. Products of bf16 values are exact in float32, so only the
+// summation order differs from XLA's dots. Attention runs one task per (b, k) pair; the
+// unembedding one per block of table rows.
 
 #include <algorithm>
 #include <cstdint>
@@ -32,7 +35,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kChunk = 64;  // cached rows widened to float32 at a time (scores)
+constexpr int64_t kChunk = 64;      // bf16 rows widened to float32 at a time (DotRows)
+constexpr int64_t kTableRows = 256;  // table rows per unembedding task
 
 inline float Bf16ToF32(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -41,38 +45,40 @@ inline float Bf16ToF32(uint16_t b) {
   return f;
 }
 
-// One (b, k) pair: q [R, Dh], cached rows [S, Dh] (bf16 bits), s [R, S].
-void Scores(const float* q, const uint16_t* cached, float* s, int64_t R, int64_t S, int64_t Dh) {
-  std::vector<float> rows(kChunk * Dh);  // a chunk of cached rows in float32
-  for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, S - j0);
-    for (int64_t i = 0; i < n * Dh; ++i) rows[i] = Bf16ToF32(cached[j0 * Dh + i]);
+// y[r, j] = x[r] . rows[j] for r < R, j < N: x [R, D] float32, rows [N, D] bf16 bits, y rows
+// `y_stride` apart.
+void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t N, int64_t D,
+             int64_t y_stride) {
+  std::vector<float> wide(kChunk * D);  // a chunk of rows in float32
+  for (int64_t j0 = 0; j0 < N; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, N - j0);
+    for (int64_t i = 0; i < n * D; ++i) wide[i] = Bf16ToF32(rows[j0 * D + i]);
     for (int64_t r = 0; r < R; ++r) {
-      const float* qr = q + r * Dh;
-      float* sr = s + r * S + j0;
+      const float* xr = x + r * D;
+      float* yr = y + r * y_stride + j0;
       int64_t j = 0;
 #ifdef GROK1_AVX2
-      if (Dh % 8 == 0) {
+      if (D % 8 == 0) {
         for (; j + 4 <= n; j += 4) {  // four dot products at once, summed across lanes together
-          const float* k0 = rows.data() + j * Dh;
+          const float* w0 = wide.data() + j * D;
           __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          for (int64_t d = 0; d < Dh; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(qr + d);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + Dh + d), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 xv = _mm256_loadu_ps(xr + d);
+            a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + d), a0);
+            a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + D + d), a1);
+            a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + 2 * D + d), a2);
+            a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + 3 * D + d), a3);
           }
           const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-          _mm_storeu_ps(sr + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+          _mm_storeu_ps(yr + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
         }
       }
 #endif
       for (; j < n; ++j) {
-        const float* kj = rows.data() + j * Dh;
+        const float* wj = wide.data() + j * D;
         float acc = 0.0f;
-        for (int64_t d = 0; d < Dh; ++d) acc += qr[d] * kj[d];
-        sr[j] = acc;
+        for (int64_t d = 0; d < D; ++d) acc += xr[d] * wj[d];
+        yr[j] = acc;
       }
     }
   }
@@ -175,7 +181,7 @@ ffi::Error ScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   const uint16_t* cd = cache.typed_data() + offset;
   float* sd = s->typed_data();
   grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
-    Scores(qd + t * R * Dh, cd + t * Sc * Dh, sd + t * R * S, R, S, Dh);
+    DotRows(qd + t * R * Dh, cd + t * Sc * Dh, sd + t * R * S, R, S, Dh, S);
   });
   return ffi::Error::Success();
 }
@@ -201,6 +207,27 @@ ffi::Error ValuesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> table,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto td = table.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || td.size() != 2 || yd.size() != 2 || td[1] != xd[1] || yd[0] != xd[0] ||
+      yd[1] != td[0]) {
+    return ffi::Error::InvalidArgument("grok1_dot_rows: expected x [R, D], table [V, D], y [R, V]");
+  }
+  const int64_t R = xd[0], D = xd[1], V = td[0];
+  const float* xp = x.typed_data();
+  const uint16_t* tp = table.typed_data();
+  float* yp = y->typed_data();
+  const int64_t tasks = (V + kTableRows - 1) / kTableRows;
+  grok1::ParallelFor(pool, tasks, ThreadsFor(pool, V * D * 2), [&](int64_t t) {
+    const int64_t v0 = t * kTableRows;
+    DotRows(xp, tp + v0 * D, yp + v0, R, std::min(kTableRows, V - v0), D, V);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendScores, ScoresImpl,
@@ -217,4 +244,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendValues, ValuesImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1DotRows, DotRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
