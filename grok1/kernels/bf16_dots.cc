@@ -35,7 +35,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kChunk = 64;      // bf16 rows widened to float32 at a time (DotRows)
+constexpr int64_t kChunkBytes = 16 << 10;  // rows widened to float32 at a time: half of L1
 constexpr int64_t kTableRows = 256;  // table rows per unembedding task
 
 inline float Bf16ToF32(uint16_t b) {
@@ -45,32 +45,47 @@ inline float Bf16ToF32(uint16_t b) {
   return f;
 }
 
+#ifdef GROK1_AVX2
+inline __m256 Widen8(const uint16_t* bits) {  // eight bf16 (as bits) to float32
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+#endif
+
 // y[r, j] = x[r] . rows[j] for r < R, j < N: x [R, D] float32, rows [N, D] bf16 bits, y rows
 // `y_stride` apart.
 void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t N, int64_t D,
              int64_t y_stride) {
-  std::vector<float> wide(kChunk * D);  // a chunk of rows in float32
-  for (int64_t j0 = 0; j0 < N; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, N - j0);
-    for (int64_t i = 0; i < n * D; ++i) wide[i] = Bf16ToF32(rows[j0 * D + i]);
+  // a chunk of rows in float32, reused from L1 by every row of x
+  const int64_t chunk = std::max<int64_t>(8, kChunkBytes / (4 * D) / 8 * 8);
+  std::vector<float> wide(chunk * D);
+  for (int64_t j0 = 0; j0 < N; j0 += chunk) {
+    const int64_t n = std::min(chunk, N - j0);
+    int64_t i = 0;
+#ifdef GROK1_AVX2
+    for (; i + 8 <= n * D; i += 8) _mm256_storeu_ps(wide.data() + i, Widen8(rows + j0 * D + i));
+#endif
+    for (; i < n * D; ++i) wide[i] = Bf16ToF32(rows[j0 * D + i]);
     for (int64_t r = 0; r < R; ++r) {
       const float* xr = x + r * D;
       float* yr = y + r * y_stride + j0;
       int64_t j = 0;
 #ifdef GROK1_AVX2
       if (D % 8 == 0) {
-        for (; j + 4 <= n; j += 4) {  // four dot products at once, summed across lanes together
-          const float* w0 = wide.data() + j * D;
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        // eight dot products at once (eight independent FMA chains keep both FMA pipes busy),
+        // summed across lanes together
+        for (; j + 8 <= n; j += 8) {
+          const float* w = wide.data() + j * D;
+          __m256 a[8];
+          for (auto& v : a) v = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8) {
             const __m256 xv = _mm256_loadu_ps(xr + d);
-            a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + d), a0);
-            a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + D + d), a1);
-            a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + 2 * D + d), a2);
-            a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + 3 * D + d), a3);
+            for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * D + d), a[k]);
           }
-          const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-          _mm_storeu_ps(yr + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+          const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+          const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+          _mm256_storeu_ps(yr + j, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                                                 _mm256_permute2f128_ps(h0, h1, 0x31)));
         }
       }
 #endif
@@ -85,11 +100,6 @@ void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t 
 }
 
 #ifdef GROK1_AVX2
-inline __m256 Widen8(const uint16_t* bits) {  // eight bf16 (as bits) to float32
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
-}
-
 // Columns [d0, d0 + 16) of NR rows of o: 2 x NR accumulators in registers over all S slots.
 template <int NR>
 inline void ValuesBlock(const float* p, const uint16_t* cached, float* o, int64_t S, int64_t Dh,
