@@ -282,12 +282,13 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   group_begin.push_back(R);
   const int64_t groups = static_cast<int64_t>(group_begin.size()) - 1;
-  // Wide column ranges stream best; narrow them until every thread has two tasks to take.
+  // Wide column ranges stream best; split the columns into more ranges until every thread has
+  // two tasks to take, in equal widths (multiples of 8) so that no thread is left with a long
+  // last task.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t task_cols = kMaxTaskCols;
-  while (task_cols > 64 && groups * ((O + task_cols - 1) / task_cols) < 2 * threads) {
-    task_cols /= 2;
-  }
+  int64_t ranges = (O + kMaxTaskCols - 1) / kMaxTaskCols;
+  while (groups * ranges < 2 * threads && O / (2 * ranges) >= 64) ranges *= 2;
+  const int64_t task_cols = ((O + ranges - 1) / ranges + 7) / 8 * 8;
   std::vector<Task> tasks;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = group_begin[g], end = group_begin[g + 1];
