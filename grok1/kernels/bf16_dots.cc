@@ -36,7 +36,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kChunkBytes = 16 << 10;  // rows widened to float32 at a time: half of L1
-constexpr int64_t kTableRows = 256;  // table rows per unembedding task
+constexpr int64_t kTableRows = 256;        // table rows per unembedding task
 
 inline float Bf16ToF32(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -80,7 +80,9 @@ void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t 
           for (auto& v : a) v = _mm256_setzero_ps();
           for (int64_t d = 0; d < D; d += 8) {
             const __m256 xv = _mm256_loadu_ps(xr + d);
-            for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * D + d), a[k]);
+            for (int k = 0; k < 8; ++k) {
+              a[k] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k * D + d), a[k]);
+            }
           }
           const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
           const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));

@@ -167,8 +167,9 @@ inline void RowGroup(const Problem& p, const int8_t* q, const float* sg, const f
 // Columns [c0, c1) (a multiple of 8 wide) of `n_rows` rows that share one matrix. The matrix is
 // walked in tiles of kTileRows rows: within a tile, each group of up to four rows accumulates
 // register blocks of columns (RowGroup), so the tile's few pages and lines are reused across
-// blocks and row groups while the next tile's lines are prefetched. `sf`: this range's scales in float32, [G][c1 - c0]; `sfc`: the same
-// times 2^16 + 1 (rounded only). `acc`, `part`: float32 scratch, [n_rows][c1 - c0] each.
+// blocks and row groups while the next tile's lines are prefetched. `sf`: this range's scales
+// in float32, [G][c1 - c0]; `sfc`: the same times 2^16 + 1 (rounded only). `acc`, `part`:
+// float32 scratch, [n_rows][c1 - c0] each.
 //
 // Unrounded weights q * s need no conversion of their own: within a scale group the sum
 // x . (q * s) is accumulated as (x . q) * s, one multiply per group and column instead of one
