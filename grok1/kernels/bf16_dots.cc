@@ -177,44 +177,32 @@ int64_t ThreadsFor(const ffi::ThreadPool& pool, int64_t bytes) {
   return bytes < (256 << 10) ? 1 : std::max<int64_t>(1, pool.num_threads());
 }
 
-ffi::Error ScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> cache,
-                      ffi::BufferR0<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> s) {
+// Attention's two products, one task per (b, k) pair over this layer of the cache. Scores:
+// `in` is q [B, Kv, R, Dh], `out` s [B, Kv, R, S]; values: `in` is p [B, Kv, R, S], `out`
+// o [B, Kv, R, Dh].
+template <bool kScores>
+ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::U16> cache,
+                      ffi::BufferR0<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  const char* name = kScores ? "grok1_attend_scores" : "grok1_attend_values";
   int64_t B, Kv, R, Sc, Dh, offset;
-  const int64_t S = s->dimensions().back();
-  if (auto e = Check("grok1_attend_scores", q.dimensions(), cache.dimensions(), s->dimensions(),
+  const int64_t S = (kScores ? out->dimensions() : in.dimensions()).back();
+  if (auto e = Check(name, in.dimensions(), cache.dimensions(), out->dimensions(),
                      layer.typed_data()[0], S, &B, &Kv, &R, &Sc, &Dh, &offset);
       e.failure()) {
     return e;
   }
-  if (q.dimensions()[3] != Dh) {
-    return ffi::Error::InvalidArgument("grok1_attend_scores: q's last dimension is not Dh");
+  if ((kScores ? in.dimensions() : out->dimensions())[3] != Dh) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": the head size is not the cache's");
   }
-  const float* qd = q.typed_data();
-  const uint16_t* cd = cache.typed_data() + offset;
-  float* sd = s->typed_data();
+  const float* x = in.typed_data();
+  const uint16_t* cached = cache.typed_data() + offset;
+  float* y = out->typed_data();
   grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
-    DotRows(qd + t * R * Dh, cd + t * Sc * Dh, sd + t * R * S, R, S, Dh, S);
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error ValuesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U16> cache,
-                      ffi::BufferR0<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> o) {
-  int64_t B, Kv, R, Sc, Dh, offset;
-  const int64_t S = p.dimensions().back();
-  if (auto e = Check("grok1_attend_values", p.dimensions(), cache.dimensions(), o->dimensions(),
-                     layer.typed_data()[0], S, &B, &Kv, &R, &Sc, &Dh, &offset);
-      e.failure()) {
-    return e;
-  }
-  if (o->dimensions()[3] != Dh) {
-    return ffi::Error::InvalidArgument("grok1_attend_values: o's last dimension is not Dh");
-  }
-  const float* pd = p.typed_data();
-  const uint16_t* cd = cache.typed_data() + offset;
-  float* od = o->typed_data();
-  grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
-    Values(pd + t * R * S, cd + t * Sc * Dh, od + t * R * Dh, R, S, Dh);
+    if (kScores) {
+      DotRows(x + t * R * Dh, cached + t * Sc * Dh, y + t * R * S, R, S, Dh, S);
+    } else {
+      Values(x + t * R * S, cached + t * Sc * Dh, y + t * R * Dh, R, S, Dh);
+    }
   });
   return ffi::Error::Success();
 }
@@ -242,21 +230,17 @@ ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendScores, ScoresImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::BufferR0<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both attention products: (in, cache, layer) -> out.
+#define GROK1_ATTEND_BINDING                 \
+  ffi::Ffi::Bind()                           \
+      .Ctx<ffi::ThreadPool>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()          \
+      .Arg<ffi::Buffer<ffi::U16>>()          \
+      .Arg<ffi::BufferR0<ffi::S32>>()        \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendValues, ValuesImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::BufferR0<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendScores, AttendImpl<true>, GROK1_ATTEND_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendValues, AttendImpl<false>, GROK1_ATTEND_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1DotRows, DotRowsImpl,
                               ffi::Ffi::Bind()

@@ -228,7 +228,7 @@ void RunTask(const Problem& p, const Task& t, const int64_t* rows) {
     for (int64_t g = 0; g < p.G; ++g) {
       for (int64_t j = 0; j < width; ++j) {
         sf[g * width + j] = Bf16ToF32(s[g * p.O + c + j]);
-        sfc[g * width + j] = sf[g * width + j] * 65537.0f;  // exact: 8 + 16 significant bits
+        if (p.rounded) sfc[g * width + j] = sf[g * width + j] * 65537.0f;  // exact: 8 + 16 bits
       }
     }
     if (p.rounded) {
