@@ -138,6 +138,9 @@ def q8_matmul(x: jax.Array, q: jax.Array, scales: jax.Array, sel: jax.Array, rou
     """
     r, o = x.shape[0], q.shape[-1]
     call = jax.ffi.ffi_call("grok1_q8_matmul", jax.ShapeDtypeStruct((r, o), jnp.float32))
+    # two-dimensional [M·G, O]: a size-1 group axis (G = 1) would let XLA give the scales a
+    # layout of its own choosing and copy them into the call's default one at every step
+    scales = scales.reshape(-1, o)
     return call(x.astype(jnp.float32), q, scales, sel.astype(jnp.int32), rounded=bool(rounded))
 
 

@@ -2,8 +2,9 @@
 //
 //   y[r, :] = x[r, :] @ W[sel[r]],   W[m] = bf16(q[m] * scales[m][group])   (or unrounded)
 //
-// x: [R, I] f32; q: [M, I, O] int8; scales: [M, G, O] bf16 with G dividing I (row i uses group
-// i / (I / G)); sel: [R] int32 in [0, M); y: [R, O] f32. Attribute `rounded`: round each
+// x: [R, I] f32; q: [M, I, O] int8; scales: [M * G, O] bf16, matrix m's G groups in rows
+// [m * G, (m + 1) * G), G dividing I (row i uses group i / (I / G)); sel: [R] int32 in [0, M);
+// y: [R, O] f32. Attribute `rounded`: round each
 // dequantised weight to bfloat16 (round to nearest even), as the release does (SPEC.md §4).
 //
 // XLA:CPU does not fuse the int8 -> float conversion into its dot kernels, so without this kernel
@@ -250,15 +251,16 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   auto sd = scales.dimensions();
   auto seld = sel.dimensions();
   auto yd = y->dimensions();
-  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3 || seld.size() != 1 || yd.size() != 2) {
+  if (xd.size() != 2 || qd.size() != 3 || sd.size() != 2 || seld.size() != 1 || yd.size() != 2) {
     return ffi::Error::InvalidArgument("grok1_q8_matmul: expected x [R,I], q [M,I,O], "
-                                       "scales [M,G,O], sel [R], y [R,O]");
+                                       "scales [M*G,O], sel [R], y [R,O]");
   }
   if (scales.element_type() != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument("grok1_q8_matmul: scales must be bfloat16");
   }
-  const int64_t R = xd[0], I = xd[1], M = qd[0], O = qd[2], G = sd[1];
-  if (qd[1] != I || sd[0] != M || sd[2] != O || seld[0] != R || yd[0] != R || yd[1] != O ||
+  const int64_t R = xd[0], I = xd[1], M = qd[0], O = qd[2];
+  const int64_t G = M > 0 ? sd[0] / M : 0;
+  if (qd[1] != I || sd[0] != M * G || sd[1] != O || seld[0] != R || yd[0] != R || yd[1] != O ||
       G <= 0 || I % G != 0) {
     return ffi::Error::InvalidArgument("grok1_q8_matmul: inconsistent shapes");
   }
