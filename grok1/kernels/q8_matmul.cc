@@ -4,8 +4,8 @@
 //
 // x: [R, I] f32; q: [M, I, O] int8; scales: [M * G, O] bf16, matrix m's G groups in rows
 // [m * G, (m + 1) * G), G dividing I (row i uses group i / (I / G)); sel: [R] int32 in [0, M);
-// y: [R, O] f32. Attribute `rounded`: round each
-// dequantised weight to bfloat16 (round to nearest even), as the release does (SPEC.md §4).
+// y: [R, O] f32. Attribute `rounded`: round each dequantised weight to bfloat16 (round to
+// nearest even), as the release does (SPEC.md §4).
 //
 // XLA:CPU does not fuse the int8 -> float conversion into its dot kernels, so without this kernel
 // every selected matrix is first written out in float32 and read back (several bytes moved per
