@@ -33,7 +33,7 @@ F32 = jnp.float32
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "q8_matmul.cc", _HERE / "bf16_dots.cc")
-HEADERS = (_HERE / "parallel.h",)
+HEADERS = (_HERE / "common.h", _HERE / "parallel.h")
 TARGETS = {  # custom-call target: the library's handler symbol
     "grok1_q8_matmul": "Grok1Q8Matmul",
     "grok1_attend_scores": "Grok1AttendScores",

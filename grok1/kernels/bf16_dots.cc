@@ -19,31 +19,20 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GROK1_AVX2 1
-#endif
-
+#include "common.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using grok1::Bf16ToF32;
 
 namespace {
 
 constexpr int64_t kChunkBytes = 16 << 10;  // rows widened to float32 at a time: half of L1
 constexpr int64_t kTableRows = 256;        // table rows per unembedding task
-
-inline float Bf16ToF32(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 #ifdef GROK1_AVX2
 inline __m256 Widen8(const uint16_t* bits) {  // eight bf16 (as bits) to float32

@@ -23,15 +23,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GROK1_AVX2 1
-#endif
-
+#include "common.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using grok1::Bf16ToF32;
 
 namespace {
 
@@ -53,13 +50,6 @@ struct Task {
   int64_t col_begin;
   int64_t col_end;
 };
-
-inline float Bf16ToF32(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 inline float RoundBf16(float f) {
   uint32_t u;
