@@ -95,17 +95,14 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: j
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     layer_idx = jnp.broadcast_to(layer, (b, t))
     if cache.dtype == jnp.uint16:
-        new = jax.lax.bitcast_convert_type(new.astype(layers.BF16), jnp.uint16)
+        new = layers.to_bf16_bits(new)
     # the index arrays are split by the K slice, so the updated elements are laid out [B, T, K, Dh]
     return cache.at[layer_idx, rows, :, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 def read_cache(cache: jax.Array, layer: jax.Array, kv_len: int, dtype) -> jax.Array:
     """The first `kv_len` slots of one layer, [B, K, kv_len, Dh] in `dtype`."""
-    x = cache[layer, :, :, :kv_len]
-    if cache.dtype == jnp.uint16:
-        x = jax.lax.bitcast_convert_type(x, layers.BF16)
-    return x.astype(dtype)
+    return layers.from_bf16_bits(cache[layer, :, :, :kv_len]).astype(dtype)
 
 
 class Attention(hk.Module):

@@ -54,6 +54,17 @@ def round_bf16(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, F32)
 
 
+def to_bf16_bits(x: jax.Array) -> jax.Array:
+    """bf16(x) as its uint16 bits: how the KV cache and the kernels' embedding table hold bf16
+    (see `grok1.cache.storage_dtype`)."""
+    return jax.lax.bitcast_convert_type(x.astype(BF16), jnp.uint16)
+
+
+def from_bf16_bits(x: jax.Array) -> jax.Array:
+    """The bf16 values of uint16 bits (`to_bf16_bits`); any other dtype is returned as is."""
+    return jax.lax.bitcast_convert_type(x, BF16) if x.dtype == jnp.uint16 else x
+
+
 def round_to(x: jax.Array, dtype) -> jax.Array:
     """x (float32) rounded to `dtype`'s precision but kept in float32: `round_bf16` for bf16."""
     return round_bf16(x) if dtype == BF16 else x

@@ -175,10 +175,7 @@ class DecoderLayer(hk.Module):
 
 def _embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """Rows of a usable table for `tokens`, in float32."""
-    rows = table[tokens]
-    if rows.dtype == jnp.uint16:
-        rows = jax.lax.bitcast_convert_type(rows, layers.BF16)
-    return rows.astype(F32)
+    return layers.from_bf16_bits(table[tokens]).astype(F32)
 
 
 def _unembed(h: jax.Array, table: jax.Array, dtype) -> jax.Array:
@@ -189,8 +186,7 @@ def _unembed(h: jax.Array, table: jax.Array, dtype) -> jax.Array:
     b, t, d = h.shape
     if b * t <= layers.KERNEL_MAX_ROWS:
         return kernels.dot_rows(h.reshape(b * t, d), table).reshape(b, t, -1).astype(dtype)
-    wide = jax.lax.bitcast_convert_type(table, layers.BF16).astype(F32)
-    return layers.dot("btd,vd->btv", h, wide, dtype)
+    return layers.dot("btd,vd->btv", h, layers.from_bf16_bits(table).astype(F32), dtype)
 
 
 def _rounded_sum(x, y, dtype):
@@ -271,7 +267,7 @@ class Grok1:
     def _usable_embedding(self, e: jax.Array) -> jax.Array:
         dtype = self.compute_dtype
         if dtype == jnp.bfloat16 and self.kernel_matrices():
-            return jax.lax.bitcast_convert_type(e.astype(layers.BF16), jnp.uint16)
+            return layers.to_bf16_bits(e)
         if layers.dots_in_f32():
             return layers.round_to(e.astype(F32), dtype)
         return e.astype(dtype)
