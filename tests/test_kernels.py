@@ -37,6 +37,13 @@ def reference(x, q, scales, sel, rounded):
     return np.stack([x[r].astype(np.float64) @ w[s].astype(np.float64) for r, s in enumerate(sel)])
 
 
+def assert_float32_sums_close(actual, expected: np.ndarray):
+    """A kernel's float32 sums of exact products against the float64 reference: only the
+    rounding of the running sums differs."""
+    atol = 1e-5 * np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=atol)
+
+
 def random_problem(rng, rows, m, n_in, n_out, groups):
     x = bf16_round(rng.standard_normal((rows, n_in)))
     q = rng.integers(-127, 128, (m, n_in, n_out)).astype(np.int8)
@@ -47,7 +54,7 @@ def random_problem(rng, rows, m, n_in, n_out, groups):
 @pytest.mark.parametrize(
     "rows,m,n_in,n_out,groups",
     [
-        (1, 4, 64, 200, 1),  # one row: 64-column register blocks plus 8-wide and scalar tails
+        (1, 4, 64, 200, 1),  # one row: 32-column register blocks plus an 8-wide tail
         (2, 4, 96, 64, 8),  # several scale groups, distinct matrices
         (7, 3, 40, 77, 2),  # rows sharing matrices (groups of 4 + remainders), odd widths
         (16, 8, 128, 300, 4),  # more rows than one register group, several tasks per matrix
@@ -61,10 +68,7 @@ def test_matches_numpy_reference(rows, m, n_in, n_out, groups, rounded):
     out = jax.jit(kernels.q8_matmul, static_argnames="rounded")(
         jnp.asarray(x), jnp.asarray(q), jnp.asarray(scales), jnp.asarray(sel), rounded=rounded
     )
-    expected = reference(x, q, scales, sel, rounded)
-    # float32 accumulation of exact products: only rounding of the running sum differs
-    atol = 1e-5 * np.abs(expected).max()
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=atol)
+    assert_float32_sums_close(out, reference(x, q, scales, sel, rounded))
 
 
 def test_rounding_is_round_to_nearest_even_for_every_int8_and_scale():
@@ -105,7 +109,7 @@ def random_cache(rng, shape):
 @pytest.mark.parametrize(
     "b,kv,r,s,sc,dh",
     [
-        (1, 2, 4, 37, 64, 64),  # one decode step: groups of four keys plus a remainder
+        (1, 2, 4, 37, 64, 64),  # one decode step: groups of eight keys plus a remainder
         (3, 1, 6, 128, 130, 16),  # several rows: row blocks of four plus two
         (2, 2, 5, 70, 96, 24),  # a head size with a scalar tail past 16 columns
     ],
@@ -119,28 +123,22 @@ def test_attention_products_match_numpy(b, kv, r, s, sc, dh):
     p = bf16_round(rng.uniform(0, 1, (b, kv, r, s)))
     scores = kernels.attend_scores(jnp.asarray(q), jnp.asarray(k_bits), jnp.int32(layer), s)
     expected = np.einsum("bkrd,bksd->bkrs", q.astype(np.float64), keys[layer, :, :, :s])
-    np.testing.assert_allclose(
-        np.asarray(scores), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
-    )
+    assert_float32_sums_close(scores, expected)
     out = kernels.attend_values(jnp.asarray(p), jnp.asarray(v_bits), jnp.int32(layer))
     expected = np.einsum("bkrs,bksd->bkrd", p.astype(np.float64), values[layer, :, :, :s])
-    np.testing.assert_allclose(
-        np.asarray(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
-    )
+    assert_float32_sums_close(out, expected)
 
 
 @pytest.mark.parametrize("rows,vocab,d", [(1, 700, 64), (9, 300, 20)])
 def test_dot_rows_matches_numpy(rows, vocab, d):
-    """The unembedding: blocks of table rows per task, four rows at a time plus remainders; a
+    """The unembedding: blocks of table rows per task, eight rows at a time plus remainders; a
     width that is not a multiple of eight takes the scalar path."""
     rng = np.random.default_rng(vocab)
     table, bits = random_cache(rng, (vocab, d))
     x = bf16_round(rng.standard_normal((rows, d)))
     out = kernels.dot_rows(jnp.asarray(x), jnp.asarray(bits))
     expected = x.astype(np.float64) @ table.T.astype(np.float64)
-    np.testing.assert_allclose(
-        np.asarray(out), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
-    )
+    assert_float32_sums_close(out, expected)
 
 
 def test_attention_layer_out_of_range_is_an_error():
