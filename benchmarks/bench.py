@@ -85,7 +85,10 @@ def weight_bytes(
     decode loop converts once per call.
     """
     table = param_table(config, formats)
-    size = lambda key: int(np.prod(table[key][0])) * np.dtype(table[key][1]).itemsize
+
+    def size(key, dtype=None):  # bytes of a leaf, in its own dtype or `dtype`
+        return int(np.prod(table[key][0])) * np.dtype(dtype or table[key][1]).itemsize
+
     parts = {"embedding": 0, "attention": 0, "router_norms": 0, "experts_all": 0}
     for key in table:
         module, _ = key
@@ -94,7 +97,7 @@ def weight_bytes(
         elif any(module.endswith("/" + m) for m in ATTN_MATRICES):
             parts["attention"] += size(key)
         elif module == "grok1/embed":
-            parts["embedding"] += int(np.prod(table[key][0])) * np.dtype(dtype).itemsize
+            parts["embedding"] += size(key, dtype)
         else:
             parts["router_norms"] += size(key)
     parts["experts_touched"] = int(parts["experts_all"] * experts_per_layer / config.num_experts)
