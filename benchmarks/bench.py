@@ -17,12 +17,19 @@ per batch size:
     the tied unembedding reads all of it) and the int8 experts actually touched, counted per
     layer and step from the router's decisions (recorded in a separate, untimed run of the same
     steps; their mean is reported);
-  * host memory bandwidth, measured in the same run: best of several reductions of a 1 GiB
-    array (NumPy and jitted JAX) and of NumPy copies (counting read + write); the maximum is used;
+  * memory bandwidth, measured in the same run (`measure_bandwidth`): on the CPU the best of
+    reductions and copies of a 1 GiB array (NumPy and jitted JAX; a copy counts read + write), on
+    an accelerator the best of jitted reductions and copies of 4 GiB in its own memory;
   * MBU = bytes/step × steps/s ÷ bandwidth.
 
 `--layers` compiles the same config at several depths (the layer stack is a scan, so compile time
-should barely grow). Prints a table and writes everything to `--json`.
+should barely grow). `--num-layers N` benchmarks the config at depth N; `--fit F` picks the depth
+whose weights fill a fraction F of the accelerator's memory, to size a full-width config to one
+card:
+
+    python benchmarks/bench.py --config grok1 --fit 0.6 --batch 1 8 --steps 64
+
+Prints a table and writes everything to `--json`.
 """
 
 from __future__ import annotations
@@ -51,9 +58,12 @@ GiB = 1 << 30
 
 # -- bandwidth ----------------------------------------------------------------------------------
 def measure_bandwidth(nbytes: int = GiB, repeats: int = 5) -> dict:
-    """Best-of-`repeats` bytes/s of: numpy sum (read), numpy copy (read + write), jax sum."""
-    a = np.ones(nbytes // 4, np.float32)
-    b = np.empty_like(a)
+    """Best-of-`repeats` bytes/s of the memory that holds the weights.
+
+    On the CPU: the best of a NumPy sum (read), a NumPy copy (read + write) and a jitted JAX sum.
+    On an accelerator the weights live in its memory, so only jitted JAX reductions and copies
+    there count (over 4 × `nbytes`, so that launching the program is a small part of the time).
+    """
     out = {}
 
     def best(fn, moved):
@@ -64,12 +74,20 @@ def measure_bandwidth(nbytes: int = GiB, repeats: int = 5) -> dict:
             times.append(time.perf_counter() - t0)
         return moved / min(times)
 
-    out["numpy_sum"] = best(functools.partial(np.sum, a), a.nbytes)
-    out["numpy_copy"] = best(functools.partial(np.copyto, b, a), 2 * a.nbytes)
-    x = jnp.asarray(a)
-    f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    out["jax_sum"] = best(lambda: f(x).block_until_ready(), x.nbytes)  # noqa: F821
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if on_cpu:
+        a = np.ones(nbytes // 4, np.float32)
+        b = np.empty_like(a)
+        out["numpy_sum"] = best(functools.partial(np.sum, a), a.nbytes)
+        out["numpy_copy"] = best(functools.partial(np.copyto, b, a), 2 * a.nbytes)
+        del a, b
+    x = jnp.ones((nbytes if on_cpu else 4 * nbytes) // 4, jnp.float32)
+    for name, fn, moved in (
+        ("jax_sum", jax.jit(jnp.sum), x.nbytes),
+        ("jax_copy", jax.jit(lambda v: v * 2), 2 * x.nbytes),  # read + write
+    ):
+        jax.block_until_ready(fn(x))
+        out[name] = best(lambda fn=fn: jax.block_until_ready(fn(x)), moved)
     out["best"] = max(out.values())
     return out
 
@@ -140,6 +158,28 @@ def count_touched_experts(grok, params, prompts, steps, max_bucket) -> dict:
         "max": int(distinct.max()),
         "decisions": len(records),
     }
+
+
+def layers_to_fit(config: ModelConfig, fraction: float, device) -> int:
+    """The most layers whose weights (release formats) fill at most `fraction` of `device`'s
+    memory: sizes a full-width config to one accelerator."""
+    from grok1.plan import device_memory_limit
+
+    limit = device_memory_limit(device)
+    if limit is None:
+        raise SystemExit(f"--fit: {device.device_kind} reports no memory limit (use --num-layers)")
+
+    def weights(n):
+        c = ModelConfig(**{**config.to_dict(), "num_layers": n})
+        table = param_table(c, WeightFormats.release(c))
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype, _ in
+                   table.values())  # fmt: skip
+
+    per_layer = weights(2) - weights(1)
+    n = int((fraction * limit - (weights(1) - per_layer)) // per_layer)
+    if n < 1:
+        raise SystemExit(f"--fit {fraction}: not even one layer fits in {limit / 1e9:.1f} GB")
+    return n
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -247,6 +287,11 @@ def main(argv=None):
     ap.add_argument("--config", default="bench-cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="compile-time vs depth")
+    ap.add_argument("--num-layers", type=int, default=None, help="the config's depth, overridden")
+    ap.add_argument(
+        "--fit", type=float, default=None, metavar="FRACTION",
+        help="as many layers as fill FRACTION of the device's memory with weights",
+    )  # fmt: skip
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
     ap.add_argument("--steps", type=int, default=256, help="decode steps timed per call")
     ap.add_argument("--repeats", type=int, default=3)
@@ -258,6 +303,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     config = ModelConfig.preset(args.config)
+    if args.fit is not None:
+        args.num_layers = layers_to_fit(config, args.fit, jax.devices()[0])
+    if args.num_layers is not None:
+        config = ModelConfig(**{**config.to_dict(), "num_layers": args.num_layers})
     report = {
         "config_name": args.config,
         "config": config.to_dict(),
@@ -299,10 +348,12 @@ def main(argv=None):
             r["mbu"] = r["achieved_bytes_s"] / bw["best"]
             rows.append(r)
         report["results"] = rows
+        parts = ", ".join(
+            f"{k.replace('_', ' ')} {v / 1e9:.1f}" for k, v in bw.items() if k != "best"
+        )
         print(
-            f"device {report['device']} ({report['cpus']} cpus); bandwidth "
-            f"{bw['best'] / 1e9:.1f} GB/s (numpy sum {bw['numpy_sum'] / 1e9:.1f}, copy "
-            f"{bw['numpy_copy'] / 1e9:.1f}, jax sum {bw['jax_sum'] / 1e9:.1f})"
+            f"{args.config}, {config.num_layers} layers; device {report['device']} "
+            f"({report['cpus']} cpus); bandwidth {bw['best'] / 1e9:.1f} GB/s ({parts})"
         )
         head = (
             f"{'batch':>5} {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} "

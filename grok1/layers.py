@@ -236,9 +236,45 @@ class Matrix(hk.Module):
 _INT8_STD = 42.0
 
 
+# Values generated at once: a larger leaf is generated one slice of its leading axis at a time, so
+# that XLA's float32 temporaries stay near 1 GiB (full-width Grok-1 benchmarks on one device;
+# every leaf of the small configs is generated whole, as one call).
+_INIT_SLICE = 1 << 28
+
+
+def _sliced(generate, key, shape: tuple) -> jax.Array:
+    """generate(key, shape), or for a large `shape` the same kind of values produced slice by
+    slice along the leading axis (recursively) under `lax.map`."""
+    size = int(np.prod(shape))
+    if size <= _INIT_SLICE or len(shape) < 2:
+        return generate(key, shape)
+    n = shape[0]
+    parts = next((p for p in range(1, n + 1) if n % p == 0 and size // p <= _INIT_SLICE), n)
+    keys = jax.random.split(key, parts)
+    if parts == n:  # even one index of the leading axis is too large: slice the next axis
+        return jax.lax.map(lambda k: _sliced(generate, k, shape[1:]), keys)
+    part = (n // parts, *shape[1:])
+    return jax.lax.map(lambda k: generate(k, part), keys).reshape(shape)
+
+
+def normal_init(std: float):
+    """A Haiku initializer: N(0, std²) values, generated slice by slice when large."""
+
+    def init(shape, dtype):
+        def generate(key, shape):
+            return (jax.random.normal(key, shape, F32) * std).astype(dtype)
+
+        return _sliced(generate, hk.next_rng_key(), tuple(shape))
+
+    return init
+
+
 def _int8_init(shape, dtype):
-    x = jax.random.normal(hk.next_rng_key(), shape) * _INT8_STD
-    return jnp.clip(jnp.round(x), -127, 127).astype(dtype)
+    def generate(key, shape):
+        x = jax.random.normal(key, shape) * _INT8_STD
+        return jnp.clip(jnp.round(x), -127, 127).astype(dtype)
+
+    return _sliced(generate, hk.next_rng_key(), tuple(shape))
 
 
 def _scale_init(n_in: int):

@@ -131,7 +131,7 @@ class Embedding(hk.Module):
         self.shape = (config.vocab_size, config.emb_size)
 
     def __call__(self):
-        init = hk.initializers.RandomNormal(self.shape[1] ** -0.5)
+        init = layers.normal_init(self.shape[1] ** -0.5)
         return hk.get_parameter("embeddings", self.shape, F32, init=init)
 
 
