@@ -237,8 +237,9 @@ _INT8_STD = 42.0
 
 
 # Values generated at once: a larger leaf is generated one slice of its leading axis at a time, so
-# that XLA's float32 temporaries stay near 1 GiB (full-width Grok-1 benchmarks on one device;
-# every leaf of the small configs is generated whole, as one call).
+# that XLA's float32 temporaries (XLA:CPU keeps several copies of what is generated at once) stay a
+# few GiB instead of several times the leaf: full-width Grok-1 benchmarks on one device. Every leaf
+# of the small configs is generated whole, as before.
 _INIT_SLICE = 1 << 28
 
 
