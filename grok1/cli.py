@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     path, tok_path, is_demo = resolve_model(args)
     if args.dry_run:
-        return dry_run(args, path)
+        return dry_run(args, path, is_demo)
     if is_demo and not args.json:
         print("[grok1] no checkpoint under checkpoints/: running the small embedded demo model. "
               "For Grok-1, put the release's ckpt-0/ under checkpoints/ and tokenizer.model at "
@@ -182,12 +182,39 @@ def read_prompt(args, model, is_demo=False):
     return text
 
 
-def dry_run(args, path) -> int:
-    from grok1 import plan
-    from grok1.config import ModelConfig
+def dry_run(args, path, is_demo) -> int:
+    """Compiles the model's programs on the mesh without weights and prints the memory plan.
 
-    config = ModelConfig.load(path) if os.path.isdir(path) else ModelConfig.grok1()
-    report = plan.dry_run(config, parse_mesh(args.mesh) or {"data": 1, "model": 1},
-                          dtype=args.dtype)  # fmt: skip
-    print(json.dumps(report, default=str, indent=1) if args.json else report)
+    Without a checkpoint it plans the Grok-1 release config. A mesh larger than the devices that
+    JAX sees here is planned on as many virtual CPU devices, in a child process."""
+    import jax
+
+    from grok1 import plan
+
+    if is_demo:
+        print("[grok1] no checkpoint under checkpoints/: planning the Grok-1 release config",
+              file=sys.stderr)  # fmt: skip
+    source = "grok1" if is_demo else path
+    config = plan.config_from(source)
+    mesh = parse_mesh(args.mesh) or {"data": 1, "model": 1}
+    unknown = set(mesh) - {"data", "model"}
+    if unknown:
+        raise SystemExit(f"--mesh: unknown axes {sorted(unknown)}; the axes are data and model")
+    data, model = mesh.get("data", 1), mesh.get("model", -1)
+    n = jax.device_count()
+    if data == -1 and model == -1:
+        raise SystemExit("--mesh: give the size of at least one axis")
+    if model == -1:  # an axis left out (or -1) gets the remaining devices, as in `load`
+        model = n // data
+    elif data == -1:
+        data = n // model
+    mesh = {"data": data, "model": model}
+    if min(mesh.values()) < 1:
+        raise SystemExit(f"--mesh: cannot fill {args.mesh!r} with the {n} devices here")
+    kw = dict(batch=1, context=config.sequence_len, dtype=args.dtype)
+    if n >= mesh["data"] * mesh["model"]:
+        report = plan.dry_run(config, mesh, **kw)
+    else:
+        report = plan.dry_run_subprocess(source, mesh, **kw)
+    print(json.dumps(report, default=str, indent=1) if args.json else plan.summary(report))
     return 0

@@ -201,11 +201,23 @@ def check_params_fit(config: ModelConfig, mesh) -> int:
     return needed
 
 
+def config_from(name_or_dir: str) -> ModelConfig:
+    """A preset by name, or a checkpoint directory's config (`ModelConfig.load`)."""
+    if os.path.isdir(name_or_dir):
+        return ModelConfig.load(name_or_dir)
+    return ModelConfig.preset(name_or_dir)
+
+
 def dry_run_subprocess(
     config_name: str = "grok1", mesh_shape=None, batch=1, context=8192, dtype="bfloat16",
     timeout: float | None = None, layers: int | None = None,
 ) -> dict:  # fmt: skip
-    """`dry_run` in a fresh Python process with as many virtual CPU devices as the mesh needs."""
+    """`dry_run` in a fresh Python process with as many virtual CPU devices as the mesh needs.
+
+    config_name: a preset name or a checkpoint directory (see `config_from`).
+    """
+    if os.path.isdir(config_name):
+        config_name = os.path.abspath(config_name)  # the child runs in the repository root
     mesh_shape = dict(mesh_shape or {"data": 1, "model": 8})
     env = dict(os.environ)
     n = math.prod(mesh_shape.values())
@@ -240,8 +252,9 @@ def _parse_mesh(text: str) -> dict:
     return out
 
 
-def _summary(r: dict) -> str:
-    g = lambda b: f"{b / GB:.2f} GB"
+def summary(r: dict) -> str:
+    """The report of `dry_run` as a few readable lines."""
+    g = lambda b: f"{b / GB:.2f} GB" if b >= GB / 10 else f"{b / 1e6:.2f} MB"  # noqa: E731
     lines = [
         f"mesh {r['mesh']}  batch {r['batch']}  context {r['context']}  dtype {r['dtype']}",
         f"parameters per device {g(r['param_bytes_per_device'])}, "
@@ -262,7 +275,10 @@ def _summary(r: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="grok1", help="preset name (grok1, bench-cpu, tiny)")
+    ap.add_argument(
+        "--config", default="grok1",
+        help="preset name (grok1, bench-cpu, tiny) or a checkpoint directory (its config.json)",
+    )  # fmt: skip
     ap.add_argument("--layers", type=int, default=None, help="override num_layers")
     ap.add_argument("--mesh", default="data=1,model=8")
     ap.add_argument("--batch", type=int, default=1)
@@ -271,7 +287,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the report here ('-': stdout only)")
     args = ap.parse_args(argv)
     mesh_shape = _parse_mesh(args.mesh)
-    config = ModelConfig.preset(args.config)
+    config = config_from(args.config)
     if args.layers:
         config = ModelConfig(**{**config.to_dict(), "num_layers": args.layers})
     if jax.device_count() < math.prod(mesh_shape.values()):
@@ -283,7 +299,7 @@ def main(argv=None) -> None:
     if args.json == "-":
         print(json.dumps(r))
         return
-    print(_summary(r))
+    print(summary(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)

@@ -105,3 +105,27 @@ def test_not_enough_device_memory_is_caught_before_loading(monkeypatch):
         plan.InsufficientMemoryError, match=r"needs [0-9.e-]+ GB per device, this mesh has 1e-05 GB"
     ):
         cli.main(["--checkpoint", case_path(CASE), "--prompt-tokens", "5,6"])
+
+
+def test_dry_run_of_a_mesh_larger_than_the_devices_here():
+    """`run.py --dry-run` plans a 2-device mesh on this 1-device host (virtual devices in a
+    child process) for the checkpoint's own config, without reading its weights."""
+    proc = subprocess.run(
+        [sys.executable, "run.py", "--checkpoint", case_path(CASE), "--dry-run", "--mesh",
+         "data=1,model=2", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["mesh"] == {"data": 1, "model": 2} and report["context"] == 64
+    assert report["needed_bytes_per_device"] >= report["param_bytes_per_device"] > 0
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [("data=-1,model=-1", "at least one axis"), ("experts=2", "unknown axes"),
+     ("data=4", "cannot fill")],
+)  # fmt: skip
+def test_dry_run_mesh_errors(capsys, mesh, message):
+    msg = run_main(capsys, "--checkpoint", case_path(CASE), "--dry-run", "--mesh", mesh)
+    assert message in msg
