@@ -211,10 +211,16 @@ def dry_run(args, path, is_demo) -> int:
     mesh = {"data": data, "model": model}
     if min(mesh.values()) < 1:
         raise SystemExit(f"--mesh: cannot fill {args.mesh!r} with the {n} devices here")
-    kw = dict(batch=1, context=config.sequence_len, dtype=args.dtype)
-    if n >= mesh["data"] * mesh["model"]:
-        report = plan.dry_run(config, mesh, **kw)
-    else:
-        report = plan.dry_run_subprocess(source, mesh, **kw)
+    kw = dict(batch=1, context=config.sequence_len, dtype=args.dtype,
+              expert_parallel=args.expert_parallel)  # fmt: skip
+    from grok1.sharding import ShardingError
+
+    try:
+        if n >= mesh["data"] * mesh["model"]:
+            report = plan.dry_run(config, mesh, **kw)
+        else:
+            report = plan.dry_run_subprocess(source, mesh, **kw)
+    except (ShardingError, plan.DryRunError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(report, default=str, indent=1) if args.json else plan.summary(report))
     return 0

@@ -46,10 +46,17 @@ class InsufficientMemoryError(MemoryError):
     pass
 
 
-def abstract_params(config: ModelConfig, formats: WeightFormats, mesh) -> dict:
+class DryRunError(RuntimeError):
+    """The dry run's child process failed (its message, or the end of its stderr)."""
+
+
+def abstract_params(
+    config: ModelConfig, formats: WeightFormats, mesh, rules=sharding.RULES
+) -> dict:
     """{module: {leaf: ShapeDtypeStruct}} carrying the rule table's shardings."""
     table = param_table(config, formats)
-    shardings = sharding.table_shardings(table, mesh, replicate=_replicated(config, mesh))
+    replicate = _replicated(config, mesh)
+    shardings = sharding.table_shardings(table, mesh, replicate=replicate, rules=rules)
     params: dict = {}
     for (module, leaf), (shape, dtype, _) in table.items():
         params.setdefault(module, {})[leaf] = jax.ShapeDtypeStruct(
@@ -109,8 +116,12 @@ def dry_run(
     dtype: str = "bfloat16",
     prefill_chunk: int = PREFILL_CHUNK,
     moe_strategy: str = "auto",
+    expert_parallel: bool = False,
 ) -> dict:
     """Compiles (never runs) the decode step and a prefill chunk on a mesh of abstract devices.
+
+    expert_parallel: whole experts split over the model axis, as `grok1.load(...,
+    expert_parallel=True)` places and runs them.
 
     Returns a JSON-able dict: compile seconds and per-device bytes of each program, parameter and
     cache bytes per device, and `needed_bytes_per_device` (the larger program's total).
@@ -125,9 +136,13 @@ def dry_run(
             f"XLA_FLAGS={DEVICE_FLAG}={want} before JAX starts, or use dry_run_subprocess()"
         )
     mesh = sharding.make_mesh(mesh_shape)
-    sharding.check_mesh(config, mesh)
-    grok = Grok1(config, WeightFormats.release(config), dtype=dtype, moe_strategy=moe_strategy)
-    params = abstract_params(config, grok.formats, mesh)
+    sharding.check_mesh(config, mesh, expert_parallel)
+    grok = Grok1(
+        config, WeightFormats.release(config), dtype=dtype, moe_strategy=moe_strategy,
+        expert_mesh=mesh if expert_parallel else None,
+    )  # fmt: skip
+    rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
+    params = abstract_params(config, grok.formats, mesh, rules)
     cache = abstract_cache(config, mesh, batch, context, grok.compute_dtype)
     engine = Engine(grok, params, max_bucket=prefill_chunk, cache_len=context)
     batch_sharding = NamedSharding(mesh, sharding.spec_for(("batch",), (batch,), mesh, "batch"))
@@ -139,6 +154,7 @@ def dry_run(
     report = {
         "config": config.to_dict(),
         "mesh": mesh_shape,
+        "expert_parallel": expert_parallel,
         "batch": batch,
         "context": context,
         "dtype": dtype,
@@ -210,7 +226,7 @@ def config_from(name_or_dir: str) -> ModelConfig:
 
 def dry_run_subprocess(
     config_name: str = "grok1", mesh_shape=None, batch=1, context=8192, dtype="bfloat16",
-    timeout: float | None = None, layers: int | None = None,
+    timeout: float | None = None, layers: int | None = None, expert_parallel: bool = False,
 ) -> dict:  # fmt: skip
     """`dry_run` in a fresh Python process with as many virtual CPU devices as the mesh needs.
 
@@ -231,12 +247,17 @@ def dry_run_subprocess(
     ]  # fmt: skip
     if layers is not None:
         cmd += ["--layers", str(layers)]
+    if expert_parallel:
+        cmd.append("--expert-parallel")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root, check=False
     )
     if out.returncode:
-        raise RuntimeError(f"dry run failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        lines = out.stderr.strip().splitlines()
+        if lines and lines[-1].startswith("error: "):  # the child's own message: just that
+            raise DryRunError(lines[-1].removeprefix("error: "))
+        raise DryRunError(f"dry run failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -256,7 +277,8 @@ def summary(r: dict) -> str:
     """The report of `dry_run` as a few readable lines."""
     g = lambda b: f"{b / GB:.2f} GB" if b >= GB / 10 else f"{b / 1e6:.2f} MB"  # noqa: E731
     lines = [
-        f"mesh {r['mesh']}  batch {r['batch']}  context {r['context']}  dtype {r['dtype']}",
+        f"mesh {r['mesh']}{'  expert-parallel' if r.get('expert_parallel') else ''}  "
+        f"batch {r['batch']}  context {r['context']}  dtype {r['dtype']}",
         f"parameters per device {g(r['param_bytes_per_device'])}, "
         f"KV cache per device {g(r['cache_bytes_per_device'])}",
     ]
@@ -284,18 +306,26 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--expert-parallel", action="store_true", help="whole experts over 'model'")
     ap.add_argument("--json", default=None, help="write the report here ('-': stdout only)")
     args = ap.parse_args(argv)
     mesh_shape = _parse_mesh(args.mesh)
     config = config_from(args.config)
     if args.layers:
         config = ModelConfig(**{**config.to_dict(), "num_layers": args.layers})
-    if jax.device_count() < math.prod(mesh_shape.values()):
-        r = dry_run_subprocess(
-            args.config, mesh_shape, args.batch, args.context, args.dtype, layers=args.layers
-        )
-    else:
-        r = dry_run(config, mesh_shape, args.batch, args.context, args.dtype)
+    try:
+        if jax.device_count() < math.prod(mesh_shape.values()):
+            r = dry_run_subprocess(
+                args.config, mesh_shape, args.batch, args.context, args.dtype,
+                layers=args.layers, expert_parallel=args.expert_parallel,
+            )  # fmt: skip
+        else:
+            r = dry_run(
+                config, mesh_shape, args.batch, args.context, args.dtype,
+                expert_parallel=args.expert_parallel,
+            )  # fmt: skip
+    except (sharding.ShardingError, DryRunError) as e:  # a mesh that cannot hold this config
+        raise SystemExit(f"error: {e}") from None
     if args.json == "-":
         print(json.dumps(r))
         return

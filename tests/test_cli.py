@@ -109,23 +109,27 @@ def test_not_enough_device_memory_is_caught_before_loading(monkeypatch):
 
 def test_dry_run_of_a_mesh_larger_than_the_devices_here():
     """`run.py --dry-run` plans a 2-device mesh on this 1-device host (virtual devices in a
-    child process) for the checkpoint's own config, without reading its weights."""
+    child process) for the checkpoint's own config, with whole experts split over the model axis
+    as asked, without reading its weights."""
     proc = subprocess.run(
         [sys.executable, "run.py", "--checkpoint", case_path(CASE), "--dry-run", "--mesh",
-         "data=1,model=2", "--json"],
+         "data=1,model=2", "--expert-parallel", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["mesh"] == {"data": 1, "model": 2} and report["context"] == 64
+    assert report["expert_parallel"] is True
     assert report["needed_bytes_per_device"] >= report["param_bytes_per_device"] > 0
 
 
 @pytest.mark.parametrize(
-    "mesh, message",
-    [("data=-1,model=-1", "at least one axis"), ("experts=2", "unknown axes"),
-     ("data=4", "cannot fill")],
+    "mesh, extra, message",
+    [("data=-1,model=-1", (), "at least one axis"), ("experts=2", (), "unknown axes"),
+     ("data=4", (), "cannot fill"),
+     # checked in the child process that plans 3 devices: its message, not its traceback
+     ("data=1,model=3", ("--expert-parallel",), "the 8 experts over the mesh's model axis (3)")],
 )  # fmt: skip
-def test_dry_run_mesh_errors(capsys, mesh, message):
-    msg = run_main(capsys, "--checkpoint", case_path(CASE), "--dry-run", "--mesh", mesh)
-    assert message in msg
+def test_dry_run_mesh_errors(capsys, mesh, extra, message):
+    msg = run_main(capsys, "--checkpoint", case_path(CASE), "--dry-run", "--mesh", mesh, *extra)
+    assert message in msg and "Traceback" not in msg
