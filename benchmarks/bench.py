@@ -284,7 +284,7 @@ def compile_vs_depth(config, depths, batch, max_bucket) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="grok1 inference benchmark")
-    ap.add_argument("--config", default="bench-cpu")
+    ap.add_argument("--config", default="bench-cpu", choices=ModelConfig.PRESETS)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="compile-time vs depth")
     ap.add_argument("--num-layers", type=int, default=None, help="the config's depth, overridden")
@@ -296,8 +296,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=256, help="decode steps timed per call")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-bucket", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--moe", default="auto", help="MoE strategy: auto, gather, grouped")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--moe", default="auto", choices=moe.STRATEGIES, help="MoE strategy")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -144,12 +144,13 @@ class ModelConfig:
         fields.setdefault("attn_output_multiplier", dh**-0.5)
         return cls(**fields)
 
+    PRESETS = ("grok1", "tiny", "bench-cpu")  # names for `preset`
+
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
-        presets = {"grok1": cls.grok1, "tiny": cls.tiny, "bench-cpu": cls.bench_cpu}
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name]()
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}")
+        return getattr(cls, name.replace("-", "_"))()
 
     # Serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:

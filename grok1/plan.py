@@ -299,7 +299,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--config", default="grok1",
-        help="preset name (grok1, bench-cpu, tiny) or a checkpoint directory (its config.json)",
+        help=f"a preset {ModelConfig.PRESETS} or a checkpoint directory (its config.json)",
     )  # fmt: skip
     ap.add_argument("--layers", type=int, default=None, help="override num_layers")
     ap.add_argument("--mesh", default="data=1,model=8")
