@@ -221,6 +221,10 @@ def config_from(name_or_dir: str) -> ModelConfig:
     """A preset by name, or a checkpoint directory's config (`ModelConfig.load`)."""
     if os.path.isdir(name_or_dir):
         return ModelConfig.load(name_or_dir)
+    if name_or_dir not in ModelConfig.PRESETS:
+        raise ValueError(
+            f"{name_or_dir!r} is neither a preset {ModelConfig.PRESETS} nor a checkpoint directory"
+        )
     return ModelConfig.preset(name_or_dir)
 
 
@@ -310,7 +314,10 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write the report here ('-': stdout only)")
     args = ap.parse_args(argv)
     mesh_shape = _parse_mesh(args.mesh)
-    config = config_from(args.config)
+    try:
+        config = config_from(args.config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.layers:
         config = ModelConfig(**{**config.to_dict(), "num_layers": args.layers})
     try:
