@@ -282,7 +282,7 @@ def load(
       path: the directory; `config.json` in it sets the architecture (else the Grok-1 preset).
       dtype: "bfloat16" (the release's numerics) or "float32".
       config: overrides the directory's config.
-      moe_strategy: "auto", "gather" or "grouped" (see `grok1.moe`).
+      moe_strategy: "auto", "gather", "dense" or "grouped" (see `grok1.moe`).
       rounding: "release" (the release's default-flag numerics) or "strict" (every rounding of
         SPEC.md §2); see `grok1.model.Grok1`.
       tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model.

@@ -12,7 +12,8 @@ dtype and the final one always to bfloat16 (as the release's casts do).
 
 Three dispatch strategies, equal up to float32 summation order:
   * "gather": each (token, slot) gathers its expert's int8 weights; reads k·N experts' bytes, so it
-    wins when N·k is small (decode).
+    wins when N·k is small (decode). Steps of more rows (prefill) use auto's choice even when
+    "gather" is requested (see `choose_strategy`).
   * "dense": every token through each expert that any token uses, weighted by its gate (0 when
     not selected); reads each used expert once, compute N x used experts. The CPU default
     beyond decode, where ragged dots are slow.
@@ -35,6 +36,7 @@ from grok1.config import ModelConfig
 
 F32, BF16 = layers.F32, layers.BF16
 STRATEGIES = ("auto", "gather", "dense", "grouped")
+GATHER_MAX_ROWS = 64  # (token, slot) rows up to which a requested "gather" is used
 MATRICES = ("gate", "up", "down")
 
 
@@ -202,9 +204,12 @@ def experts_kernel(z, idx, stacked: layers.Stacked, dtype, round_down: bool):
 
 
 def choose_strategy(strategy: str, num_tokens: int, k: int, num_experts: int) -> str:
+    """The strategy for a step of `num_tokens` tokens. "gather" unrolls one product per (token,
+    slot) row, each on its own copy of its expert's weights, so past GATHER_MAX_ROWS rows (a
+    prefill chunk) a requested "gather" gives way to auto's choice."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}")
-    if strategy == "auto":
+    if strategy == "auto" or (strategy == "gather" and num_tokens * k > GATHER_MAX_ROWS):
         if num_tokens * k <= num_experts:
             return "gather"
         return "dense" if jax.default_backend() == "cpu" else "grouped"

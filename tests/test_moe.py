@@ -137,3 +137,14 @@ def test_route_orders_by_decreasing_gate():
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="unknown MoE strategy"):
         moe.choose_strategy("sparse", 4, 2, 8)
+
+
+def test_requested_gather_gives_way_to_auto_beyond_decode_sized_steps():
+    rows = moe.GATHER_MAX_ROWS // 2  # tokens with k = 2: exactly the limit
+    assert moe.choose_strategy("gather", rows, 2, 8) == "gather"
+    assert (
+        moe.choose_strategy("gather", rows + 1, 2, 8)
+        == moe.choose_strategy("auto", rows + 1, 2, 8)
+        != "gather"
+    )
+    assert moe.choose_strategy("grouped", 1, 2, 8) == "grouped"  # the others are always kept
