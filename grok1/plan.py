@@ -218,14 +218,15 @@ def check_params_fit(config: ModelConfig, mesh) -> int:
 
 
 def config_from(name_or_dir: str) -> ModelConfig:
-    """A preset by name, or a checkpoint directory's config (`ModelConfig.load`)."""
+    """A preset by name, else a checkpoint directory's config (`ModelConfig.load`); a directory
+    named like a preset is reached as ./NAME."""
+    if name_or_dir in ModelConfig.PRESETS:
+        return ModelConfig.preset(name_or_dir)
     if os.path.isdir(name_or_dir):
         return ModelConfig.load(name_or_dir)
-    if name_or_dir not in ModelConfig.PRESETS:
-        raise ValueError(
-            f"{name_or_dir!r} is neither a preset {ModelConfig.PRESETS} nor a checkpoint directory"
-        )
-    return ModelConfig.preset(name_or_dir)
+    raise ValueError(
+        f"{name_or_dir!r} is neither a preset {ModelConfig.PRESETS} nor a checkpoint directory"
+    )
 
 
 def dry_run_subprocess(
@@ -236,8 +237,8 @@ def dry_run_subprocess(
 
     config_name: a preset name or a checkpoint directory (see `config_from`).
     """
-    if os.path.isdir(config_name):
-        config_name = os.path.abspath(config_name)  # the child runs in the repository root
+    if config_name not in ModelConfig.PRESETS:
+        config_name = os.path.abspath(config_name)  # a directory; the child runs elsewhere
     mesh_shape = dict(mesh_shape or {"data": 1, "model": 8})
     env = dict(os.environ)
     n = math.prod(mesh_shape.values())
