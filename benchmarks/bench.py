@@ -93,6 +93,12 @@ def measure_bandwidth(nbytes: int = GiB, repeats: int = 5) -> dict:
 
 
 # -- bytes a decode step reads ----------------------------------------------------------------
+def leaf_bytes(entry, dtype=None) -> int:
+    """Bytes of a `param_table` entry (shape, dtype, axes), in its own dtype or `dtype`."""
+    shape, own, _ = entry
+    return int(np.prod(shape)) * np.dtype(dtype or own).itemsize
+
+
 def weight_bytes(
     config: ModelConfig, formats: WeightFormats, experts_per_layer: float, dtype: str
 ) -> dict:
@@ -103,10 +109,7 @@ def weight_bytes(
     decode loop converts once per call.
     """
     table = param_table(config, formats)
-
-    def size(key, dtype=None):  # bytes of a leaf, in its own dtype or `dtype`
-        return int(np.prod(table[key][0])) * np.dtype(dtype or table[key][1]).itemsize
-
+    size = lambda key, dtype=None: leaf_bytes(table[key], dtype)  # noqa: E731
     parts = {"embedding": 0, "attention": 0, "router_norms": 0, "experts_all": 0}
     for key in table:
         module, _ = key
@@ -171,12 +174,11 @@ def layers_to_fit(config: ModelConfig, fraction: float, device) -> int:
 
     def weights(n):
         c = ModelConfig(**{**config.to_dict(), "num_layers": n})
-        table = param_table(c, WeightFormats.release(c))
-        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype, _ in
-                   table.values())  # fmt: skip
+        return sum(map(leaf_bytes, param_table(c, WeightFormats.release(c)).values()))
 
-    per_layer = weights(2) - weights(1)
-    n = int((fraction * limit - (weights(1) - per_layer)) // per_layer)
+    one, two = weights(1), weights(2)
+    per_layer = two - one
+    n = int((fraction * limit - (one - per_layer)) // per_layer)
     if n < 1:
         raise SystemExit(f"--fit {fraction}: not even one layer fits in {limit / 1e9:.1f} GB")
     return n

@@ -190,6 +190,7 @@ def dry_run(args, path, is_demo) -> int:
     import jax
 
     from grok1 import plan
+    from grok1.sharding import ShardingError
 
     if is_demo:
         print("[grok1] no checkpoint under checkpoints/: planning the Grok-1 release config",
@@ -213,8 +214,6 @@ def dry_run(args, path, is_demo) -> int:
         raise SystemExit(f"--mesh: cannot fill {args.mesh!r} with the {n} devices here")
     kw = dict(batch=1, context=config.sequence_len, dtype=args.dtype,
               expert_parallel=args.expert_parallel)  # fmt: skip
-    from grok1.sharding import ShardingError
-
     try:
         if n >= mesh["data"] * mesh["model"]:
             report = plan.dry_run(config, mesh, **kw)
