@@ -323,7 +323,7 @@ def load(
     )
     grok = Grok1(
         config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding,
-        expert_mesh=mesh if expert_parallel else None,
+        expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     if isinstance(tokenizer, str | os.PathLike):
         from grok1.tokenizer import Tokenizer

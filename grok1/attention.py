@@ -144,7 +144,7 @@ class Attention(hk.Module):
                 w = layers.matrix(stacked.layer_params(name), dtype)
             else:
                 w = layers.Matrix(n_in, n_out, self.formats[name], name=name)(dtype)
-            return layers.dot("btd,df->btf", x, w, out_dtype)
+            return layers.dot("btd,df->btf", x, w, out_dtype, rows=b * t)
 
         b, t, d = x.shape
         q = project("query", x, c.num_q_heads * c.key_size)

@@ -70,19 +70,29 @@ def round_to(x: jax.Array, dtype) -> jax.Array:
     return round_bf16(x) if dtype == BF16 else x
 
 
-def dots_in_f32() -> bool:
-    """XLA:CPU runs bf16 dots and bf16 elementwise math several times slower than float32."""
-    return jax.default_backend() == "cpu"
+def dots_in_f32(rows: int | None = None) -> bool:
+    """Whether a product's bf16 operands are widened to float32 first (`dot`).
+
+    On CPU always: XLA:CPU runs bf16 dots and bf16 elementwise math several times slower than
+    float32. On GPU for a product of one row (`rows` == 1: each (token, slot) product of the
+    MoE's "gather" path, and the projections of a one-token step): XLA turns a one-row float32
+    dot into a reduction and fuses the int8 weight's dequantisation into it, so the weight is
+    read once where it lies; as a bf16 dot, the weight is first dequantised into a bf16 copy
+    (read 1 byte, write 2, read 2 per weight).
+    """
+    backend = jax.default_backend()
+    return backend == "cpu" or (backend == "gpu" and rows == 1)
 
 
-def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
+def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype, rows: int | None = None):
     """An einsum accumulated in float32 and rounded once to `out_dtype`.
 
-    Float32 operands use full precision (no TF32 / bf16 passes on accelerators). On CPU, bf16
-    operands are widened to float32 first: the products of bf16 values are exact in float32 and
-    the accumulation is float32 either way, so only the summation order can differ.
+    Float32 operands use full precision (no TF32 / bf16 passes on accelerators). Where
+    `dots_in_f32(rows)` (`rows`: the rows of a matrix product, if it is one), bf16 operands are
+    widened to float32 first: the products of bf16 values are exact in float32 and the
+    accumulation is float32 either way, so only the summation order can differ.
     """
-    if dots_in_f32():
+    if dots_in_f32(rows):
         a, b = a.astype(F32), b.astype(F32)
     precision = jax.lax.Precision.HIGHEST if F32 in (a.dtype, b.dtype) else None
     out = jnp.einsum(subscripts, a, b, preferred_element_type=F32, precision=precision)
@@ -153,7 +163,7 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
     n_in = w.shape[-2]
     groups = params["scales"].shape[-2] if "scales" in params else 1
     if blocks <= 1 or n_in % blocks or blocks % groups:
-        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype)
+        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype, x.shape[0])
     rows, acc = n_in // blocks, None
     for b in range(blocks):
         part = {"w": w[b * rows : (b + 1) * rows]}
@@ -161,7 +171,7 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
             g = b * groups // blocks
             part["scales"] = params["scales"][g : g + 1]
         partial = dot("nd,df->nf", x[:, b * rows : (b + 1) * rows],
-                      matrix(part, weight_dtype, rounded), F32)  # fmt: skip
+                      matrix(part, weight_dtype, rounded), F32, x.shape[0])  # fmt: skip
         acc = partial if acc is None else acc + partial
     return acc.astype(out_dtype)
 

@@ -139,7 +139,7 @@ def dry_run(
     sharding.check_mesh(config, mesh, expert_parallel)
     grok = Grok1(
         config, WeightFormats.release(config), dtype=dtype, moe_strategy=moe_strategy,
-        expert_mesh=mesh if expert_parallel else None,
+        expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
     params = abstract_params(config, grok.formats, mesh, rules)

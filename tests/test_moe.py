@@ -103,6 +103,38 @@ def test_strategies_match_loop_oracle(dtype, groups, tokens):
         assert err.mean() <= 0.002 * scale, (strategy, err.mean(), scale)
 
 
+def test_gpu_formulation_matches_loop_oracle(monkeypatch):
+    """What a GPU backend runs, computed here: one-row products widened to float32 (reductions
+    over the int8 weight there), products of more rows as bf16 dots."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    from grok1 import layers
+
+    assert layers.dots_in_f32(rows=1) and not layers.dots_in_f32(rows=2)
+    dtype, groups, tokens = jnp.bfloat16, 8, 6
+    z = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, CONFIG.emb_size)).astype(dtype)
+    params = make(CONFIG, groups, "gather", dtype).init(jax.random.PRNGKey(1), z)
+    want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype)
+    scale = np.abs(want).max()
+    for strategy in ("auto", "gather", "grouped"):
+        apply = make(CONFIG, groups, strategy, dtype).apply
+        dots = [e for e in jax.make_jaxpr(apply)(params, z).eqns if "dot" in e.primitive.name]
+        operand_types = {str(v.aval.dtype) for e in dots for v in e.invars} - {"int32"}
+        gathered = strategy == "gather" or (strategy == "auto" and tokens * 2 <= 4 * 8)
+        assert operand_types == ({"float32"} if gathered else {"bfloat16", "float32"}), strategy
+        got = np.asarray(jax.jit(apply)(params, z).astype(jnp.float32)).reshape(tokens, -1)
+        err = np.abs(got - want)
+        assert err.max() <= 0.03 * scale, (strategy, err.max(), scale)
+        assert err.mean() <= 0.002 * scale, (strategy, err.mean(), scale)
+
+
+@pytest.mark.parametrize("backend,gathered,beyond", [("cpu", 4, "dense"), ("gpu", 16, "grouped"),
+                                                     ("tpu", 4, "grouped")])  # fmt: skip
+def test_auto_strategy_per_backend(monkeypatch, backend, gathered, beyond):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert moe.choose_strategy("auto", gathered, 2, 8) == "gather"
+    assert moe.choose_strategy("auto", gathered + 1, 2, 8) == beyond
+
+
 def test_gather_and_grouped_agree_closely():
     z = jax.random.normal(jax.random.PRNGKey(3), (2, 5, CONFIG.emb_size)).astype(jnp.bfloat16)
     params = make(CONFIG, 8, "gather", jnp.bfloat16).init(jax.random.PRNGKey(4), z)
