@@ -128,7 +128,7 @@ def weight_bytes(
     return parts
 
 
-def count_touched_experts(grok, params, prompts, steps, max_bucket) -> dict:
+def count_touched_experts(grok, params, prompts, steps, max_bucket, context=None) -> dict:
     """Mean / min / max distinct experts per (layer, decode step) from the router's decisions.
 
     Runs the same prefill + decode as the timed run in a separate engine whose router reports
@@ -144,7 +144,8 @@ def count_touched_experts(grok, params, prompts, steps, max_bucket) -> dict:
 
     moe.route = recording_route
     try:
-        engine = Engine(grok, params, max_bucket=max_bucket, cache_len=grok.config.sequence_len)
+        cache_len = context or grok.config.sequence_len
+        engine = Engine(grok, params, max_bucket=max_bucket, cache_len=cache_len)
         cache, state, sp = _start(engine, prompts, steps)
         records.clear()  # prefill's decisions are not decode steps
         cache, state = engine._decode(
@@ -210,9 +211,9 @@ def random_prompts(config, batch, length, seed=0):
     return [rng.integers(3, config.vocab_size, length).tolist() for _ in range(batch)]
 
 
-def bench_batch(grok, params, batch, prompt_len, steps, repeats, max_bucket) -> dict:
+def bench_batch(grok, params, batch, prompt_len, steps, repeats, max_bucket, context=None) -> dict:
     config = grok.config
-    engine = Engine(grok, params, max_bucket=max_bucket, cache_len=config.sequence_len)
+    engine = Engine(grok, params, max_bucket=max_bucket, cache_len=context or config.sequence_len)
     prompts = random_prompts(config, batch, prompt_len)
     kv_len = _kv_len(engine, prompts, steps)
     r = {"batch": batch, "prompt": prompt_len, "steps": steps, "kv_len": kv_len}
@@ -298,12 +299,19 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=256, help="decode steps timed per call")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-bucket", type=int, default=128)
+    ap.add_argument(
+        "--context", type=int, default=None,
+        help="KV-cache slots (default: the config's sequence length; each step attends only "
+        "the filled ones, rounded up to a power of two)",
+    )  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--moe", default="auto", choices=moe.STRATEGIES, help="MoE strategy")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    if args.context is not None and args.context < args.prompt + args.steps + 1:
+        ap.error(f"--context {args.context} cannot hold --prompt + --steps + 1 tokens")
     config = ModelConfig.preset(args.config)
     if args.fit is not None:
         args.num_layers = layers_to_fit(config, args.fit, jax.devices()[0])
@@ -319,6 +327,7 @@ def main(argv=None):
         "jax": jax.__version__,
         "dtype": args.dtype,
         "moe_strategy": args.moe,
+        "context": args.context or config.sequence_len,
     }
     if args.layers:
         report["compile_vs_depth"] = compile_vs_depth(config, args.layers, 1, args.max_bucket)
@@ -337,10 +346,10 @@ def main(argv=None):
         rows = []
         for batch in args.batch:
             r = bench_batch(grok, params, batch, args.prompt, args.steps, args.repeats,
-                            args.max_bucket)  # fmt: skip
+                            args.max_bucket, args.context)  # fmt: skip
             prompts = random_prompts(config, batch, args.prompt)
             r["experts_touched"] = count_touched_experts(
-                grok, params, prompts, args.steps, args.max_bucket
+                grok, params, prompts, args.steps, args.max_bucket, args.context
             )
             r["bytes"] = weight_bytes(
                 config, grok.formats, r["experts_touched"]["mean"], args.dtype
