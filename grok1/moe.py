@@ -37,7 +37,7 @@ from grok1.config import ModelConfig
 F32, BF16 = layers.F32, layers.BF16
 STRATEGIES = ("auto", "gather", "dense", "grouped")
 GATHER_MAX_ROWS = 64  # (token, slot) rows up to which a requested "gather" is used
-GPU_GATHER_FACTOR = 4  # on GPU, auto gathers up to this many rows per expert (choose_strategy)
+ACCELERATOR_GATHER_FACTOR = 4  # on GPU/TPU, auto gathers up to this many rows per expert
 MATRICES = ("gate", "up", "down")
 
 
@@ -209,18 +209,20 @@ def choose_strategy(strategy: str, num_tokens: int, k: int, num_experts: int) ->
     slot) row, each on its own copy of its expert's weights, so past GATHER_MAX_ROWS rows (a
     prefill chunk) a requested "gather" gives way to auto's choice.
 
-    Auto gathers while the rows are at most the experts (GPU: four times the experts; there
-    each row's products are reductions that read the int8 weights in place (`layers.
-    dots_in_f32`), while "grouped" writes and reads back a dequantised copy of every expert,
-    about six times the bytes of reading them once: in Grok-1's decode step compiled for 8
-    H100s, 1.5 GB per layer and device for 16 rows against 4.1 GB); beyond, "dense" on CPU and
+    Auto gathers while the rows are at most the experts on CPU, four times the experts on GPU
+    and TPU: there each row's products read the int8 weights in place (on GPU as reductions,
+    `layers.dots_in_f32`), while "grouped" writes and reads back a dequantised copy of every
+    expert, about six times the bytes of reading them once (Grok-1's decode step compiled for 8
+    H100s: 1.5 GB per layer and device for 16 rows against 4.1 GB; for 8 TPU v5p chips, XLA's
+    temporaries of 8 layers at batch 8: 6 MB against 1.6 GB). Beyond, "dense" on CPU and
     "grouped" elsewhere.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}")
     if strategy == "auto" or (strategy == "gather" and num_tokens * k > GATHER_MAX_ROWS):
         backend = jax.default_backend()
-        if num_tokens * k <= num_experts * (GPU_GATHER_FACTOR if backend == "gpu" else 1):
+        factor = 1 if backend == "cpu" else ACCELERATOR_GATHER_FACTOR
+        if num_tokens * k <= num_experts * factor:
             return "gather"
         return "dense" if backend == "cpu" else "grouped"
     return strategy

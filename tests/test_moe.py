@@ -128,7 +128,7 @@ def test_gpu_formulation_matches_loop_oracle(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,gathered,beyond", [("cpu", 4, "dense"), ("gpu", 16, "grouped"),
-                                                     ("tpu", 4, "grouped")])  # fmt: skip
+                                                     ("tpu", 16, "grouped")])  # fmt: skip
 def test_auto_strategy_per_backend(monkeypatch, backend, gathered, beyond):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert moe.choose_strategy("auto", gathered, 2, 8) == "gather"
