@@ -116,6 +116,13 @@ class Engine:
         self._accept_jit = jax.jit(self._accept)
 
     # -- compiled pieces ----------------------------------------------------------------------
+    @functools.cached_property
+    def table(self) -> jax.Array:
+        """`Grok1.embedding_table(params)` (bf16(E) in bf16 mode), computed once and read by every
+        program of this engine. Converted inside each call instead, a one-step decode call (a
+        streamed token) converted the whole float32 table for one token."""
+        return jax.jit(self.grok.embedding_table)(self.params)
+
     def _chunk_fn(self, params, cache: KVCache, tokens, n_new, kv_len: int, table=None):
         """Appends `tokens` [B, M] (the first n_new [B] real) to the cache.
 
@@ -133,16 +140,20 @@ class Engine:
         cache = KVCache(k=k, v=v, lengths=new_lengths)
         return logits[:, 0].astype(jnp.float32), cache
 
-    def _decode_fn(self, params, cache, state: DecodeState, sp, kv_len, n_steps, until_first_stop):
+    def _decode_fn(
+        self, params, cache, state: DecodeState, sp, kv_len, n_steps, until_first_stop, table=None
+    ):
         """Runs up to n_steps decode steps in a while loop; stops early once any active row
-        stops if `until_first_stop`."""
+        stops if `until_first_stop`. table: `Engine.table` (else converted here, once per call).
+        """
 
         def cond(carry):
             i, _, st, stopped = carry
             go = (i < n_steps) & jnp.any(st.active)
             return go & ~stopped if until_first_stop else go
 
-        table = self.grok.embedding_table(params)  # once, not in every step
+        if table is None:
+            table = self.grok.embedding_table(params)  # once, not in every step
 
         def body(carry):
             i, cache, st, _ = carry
@@ -202,8 +213,9 @@ class Engine:
                 toks[b, : n_new[b]] = p[start : start + n_new[b]]
             kv_len = bucket(start + chunk, self.capacity)
             logits, cache = self._chunk(
-                self.params, cache, jnp.asarray(toks), jnp.asarray(n_new), kv_len=kv_len
-            )
+                self.params, cache, jnp.asarray(toks), jnp.asarray(n_new), kv_len=kv_len,
+                table=self.table,
+            )  # fmt: skip
             ends_here = jnp.asarray((lengths > start) & (lengths <= start + chunk))
             last = logits if last is None else jnp.where(ends_here[:, None], logits, last)
         return last, cache
@@ -323,6 +335,7 @@ class Engine:
                 kv_len=kv_len,
                 n_steps=horizon,
                 until_first_stop=bool(queue) or stop_check is not None,
+                table=self.table,
             )
 
     # -- helpers --------------------------------------------------------------------------------
@@ -401,13 +414,13 @@ class Engine:
     # -- scoring --------------------------------------------------------------------------------
     @functools.cached_property
     def _score_chunk(self):
-        def fn(params, cache, tokens, targets, n_new, kv_len):
+        def fn(params, cache, tokens, targets, n_new, kv_len, table):
             m = tokens.shape[1]
             positions = cache.lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None]
             new_lengths = cache.lengths + n_new
             mask = cache.attention_mask(positions, new_lengths, kv_len)
             logits, (k, v) = self.grok.apply(
-                params, tokens, positions, mask, (cache.k, cache.v), kv_len
+                params, tokens, positions, mask, (cache.k, cache.v), kv_len, table=table
             )
             logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
             picked = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
@@ -444,6 +457,7 @@ class Engine:
                 jnp.asarray(tgts),
                 jnp.asarray(n_new),
                 kv_len=kv_len,
+                table=self.table,
             )
             width = min(chunk, total - start)
             out[:, start : start + width] = to_host(picked)[:, :width]

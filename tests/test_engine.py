@@ -24,11 +24,25 @@ def test_greedy_matches_release_runner_alone_and_batched(case):
         assert model.generate([prompt], n, ignore_eos=True) == [want]
 
 
-def test_stream_yields_the_generated_tokens():
+def test_stream_yields_the_generated_tokens(monkeypatch):
+    """Streaming runs one decode step per call; every call reads the engine's converted
+    embedding table instead of converting the float32 parameter again."""
     model = golden_model(CASE)
+    engine = model.engine
+    tables = []
+    for name in ("_chunk", "_decode"):
+        program = getattr(engine, name)
+
+        def spy(*args, _program=program, **kwargs):
+            tables.append(kwargs.get("table"))
+            return _program(*args, **kwargs)
+
+        monkeypatch.setattr(engine, name, spy)
     prompt = prompts_of(CASE)[1]
     expected = case_file(CASE, "greedy_runner.npy")[1].tolist()
     assert list(model.stream(prompt, len(expected), ignore_eos=True)) == expected
+    assert len(tables) >= len(expected)  # a prefill chunk, then a call per streamed step
+    assert all(t is engine.table for t in tables)
 
 
 def test_chunked_prefill_equals_unchunked():
