@@ -2,7 +2,7 @@
 
 No GPU is needed: XLA compiles for a described CUDA target without one (deviceless
 ahead-of-time compilation). The script compiles the engine's one-token step (prefill chunk of
-one token, the embedding table passed in as the decode loop does) on a mesh of such devices and
+one token, given the engine's converted embedding table) on a mesh of such devices and
 reads the optimized program. Every instruction that runs on its own, not inside a fusion, is
 taken to read its operands and write its result, once per execution (layer loops count their
 trip count, a conditional's branch the expected share of experts that some token selects). A
@@ -211,7 +211,8 @@ def compile_step(config, devices, data, batch, context, moe_strategy, target):
     )
     n_new = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=spec(("batch",), (batch,)))
     embed = params["grok1/embed"]["embeddings"]
-    table = jax.ShapeDtypeStruct(embed.shape, grok.compute_dtype, sharding=embed.sharding)
+    table = jax.eval_shape(grok.embedding_table, params)  # what `Engine.table` holds
+    table = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=embed.sharding)
     engine = Engine(grok, params, max_bucket=1, cache_len=context)
     with jax.set_mesh(mesh):
         lowered = engine._chunk.lower(params, cache, tokens, n_new, kv_len=context, table=table)
@@ -221,6 +222,7 @@ def compile_step(config, devices, data, batch, context, moe_strategy, target):
 def main(argv=None) -> None:
     from bench import weight_bytes
 
+    from grok1 import moe
     from grok1.config import ModelConfig
     from grok1.model import WeightFormats
 
@@ -231,7 +233,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=int, default=1, help="size of the mesh's data axis")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, default=8192, help="cache slots, all attended")
-    ap.add_argument("--moe", default="auto", help="MoE strategy (grok1.moe.STRATEGIES)")
+    ap.add_argument("--moe", default="auto", choices=moe.STRATEGIES, help="MoE strategy")
     ap.add_argument("--target", default=None, help="GpuTargetConfig text file (default H100)")
     ap.add_argument("--top", type=int, default=5, help="largest movers to list per batch")
     args = ap.parse_args(argv)
