@@ -33,8 +33,12 @@ def main() -> int:
     p.add_argument("--loop", type=float, default=0.0)
     p.add_argument("--heartbeat", type=int, default=10)
     args = p.parse_args()
-    # before jax is imported: simulated CPU devices for this process
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+    # before jax is imported: simulated CPU devices for this process, and unoptimised machine
+    # code (compiling is nearly all of these tests' time; they compare tokens, not speed)
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.local_devices} "
+        "--xla_backend_optimization_level=0"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
