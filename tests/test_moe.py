@@ -119,7 +119,8 @@ def test_gpu_formulation_matches_loop_oracle(monkeypatch):
         apply = make(CONFIG, groups, strategy, dtype).apply
         dots = [e for e in jax.make_jaxpr(apply)(params, z).eqns if "dot" in e.primitive.name]
         operand_types = {str(v.aval.dtype) for e in dots for v in e.invars} - {"int32"}
-        gathered = strategy == "gather" or (strategy == "auto" and tokens * 2 <= 4 * 8)
+        limit = moe.ACCELERATOR_GATHER_FACTOR * CONFIG.num_experts  # rows auto gathers on GPU
+        gathered = strategy == "gather" or (strategy == "auto" and tokens * 2 <= limit)
         assert operand_types == ({"float32"} if gathered else {"bfloat16", "float32"}), strategy
         got = np.asarray(jax.jit(apply)(params, z).astype(jnp.float32)).reshape(tokens, -1)
         err = np.abs(got - want)
