@@ -52,6 +52,7 @@ from grok1 import moe, sampling  # noqa: E402
 from grok1.config import ModelConfig  # noqa: E402
 from grok1.engine import Engine, Request  # noqa: E402
 from grok1.model import ATTN_MATRICES, MOE, Grok1, WeightFormats, param_table  # noqa: E402
+from grok1.plan import abstract_table  # noqa: E402
 
 GiB = 1 << 30
 
@@ -273,8 +274,8 @@ def compile_vs_depth(config, depths, batch, max_bucket) -> list:
         cache = jax.eval_shape(functools.partial(engine.new_cache, batch))
         state = jax.eval_shape(functools.partial(engine._empty_state, batch, 64, 1, False))
         sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * batch)
+        table = abstract_table(grok, params)  # what Engine.table holds
         t0 = time.perf_counter()
-        table = jax.eval_shape(grok.embedding_table, params)  # what Engine.table holds
         engine._decode.lower(
             params, cache, state, sp, kv_len=c.sequence_len, n_steps=64, until_first_stop=False,
             table=table,

@@ -30,7 +30,6 @@ import re
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -192,7 +191,6 @@ def distinct_experts(tokens: int, k: int, experts: int) -> float:
 def compile_step(config, devices, data, batch, context, moe_strategy, target):
     """The compiled one-token step for `devices` GPUs described by `target`."""
     from jax.experimental import topologies
-    from jax.sharding import NamedSharding
 
     from grok1 import plan, sharding
     from grok1.engine import Engine
@@ -205,14 +203,8 @@ def compile_step(config, devices, data, batch, context, moe_strategy, target):
     grok = Grok1(config, WeightFormats.release(config), moe_strategy=moe_strategy, mesh=mesh)
     params = plan.abstract_params(config, grok.formats, mesh)
     cache = plan.abstract_cache(config, mesh, batch, context, grok.compute_dtype)
-    spec = lambda axes, shape: NamedSharding(mesh, sharding.spec_for(axes, shape, mesh, "x"))  # noqa: E731
-    tokens = jax.ShapeDtypeStruct(
-        (batch, 1), jnp.int32, sharding=spec(("batch", "layers"), (batch, 1))
-    )
-    n_new = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=spec(("batch",), (batch,)))
-    embed = params["grok1/embed"]["embeddings"]
-    table = jax.eval_shape(grok.embedding_table, params)  # what `Engine.table` holds
-    table = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=embed.sharding)
+    tokens, n_new = plan.abstract_step_inputs(mesh, batch, 1)
+    table = plan.abstract_table(grok, params)
     engine = Engine(grok, params, max_bucket=1, cache_len=context)
     with jax.set_mesh(mesh):
         lowered = engine._chunk.lower(params, cache, tokens, n_new, kv_len=context, table=table)

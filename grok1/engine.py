@@ -123,10 +123,10 @@ class Engine:
         streamed token) converted the whole float32 table for one token."""
         return jax.jit(self.grok.embedding_table)(self.params)
 
-    def _chunk_fn(self, params, cache: KVCache, tokens, n_new, kv_len: int, table=None):
+    def _chunk_fn(self, params, cache: KVCache, tokens, n_new, kv_len: int, table):
         """Appends `tokens` [B, M] (the first n_new [B] real) to the cache.
 
-        table: optional `Grok1.embedding_table(params)`, computed once outside a decode loop.
+        table: `Engine.table` (or its abstract value, to compile without weights).
         Returns (logits [B, V] f32 at each row's last real token of the chunk, cache).
         """
         m = tokens.shape[1]
@@ -141,19 +141,15 @@ class Engine:
         return logits[:, 0].astype(jnp.float32), cache
 
     def _decode_fn(
-        self, params, cache, state: DecodeState, sp, kv_len, n_steps, until_first_stop, table=None
+        self, params, cache, state: DecodeState, sp, kv_len, n_steps, until_first_stop, table
     ):
         """Runs up to n_steps decode steps in a while loop; stops early once any active row
-        stops if `until_first_stop`. table: `Engine.table` (else converted here, once per call).
-        """
+        stops if `until_first_stop`. table: as for `_chunk_fn`."""
 
         def cond(carry):
             i, _, st, stopped = carry
             go = (i < n_steps) & jnp.any(st.active)
             return go & ~stopped if until_first_stop else go
-
-        if table is None:
-            table = self.grok.embedding_table(params)  # once, not in every step
 
         def body(carry):
             i, cache, st, _ = carry

@@ -82,6 +82,24 @@ def abstract_cache(config: ModelConfig, mesh, batch: int, context: int, dtype) -
     )
 
 
+def abstract_table(grok: Grok1, params) -> jax.ShapeDtypeStruct:
+    """`Engine.table` without weights: the embedding as the model reads it, placed like the
+    parameter."""
+    embed = params["grok1/embed"]["embeddings"]
+    dtype = jax.eval_shape(grok.embedding_table, params).dtype
+    return jax.ShapeDtypeStruct(embed.shape, dtype, sharding=getattr(embed, "sharding", None))
+
+
+def abstract_step_inputs(mesh, batch: int, tokens: int) -> tuple:
+    """The tokens [B, M] and counts of new tokens [B] of one engine step, batch on "data"."""
+    tokens_sharding = sharding.named(("batch", "layers"), (batch, tokens), mesh, "tokens")
+    batch_sharding = sharding.named(("batch",), (batch,), mesh, "batch")
+    return (
+        jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=tokens_sharding),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding),
+    )
+
+
 def bytes_per_device(tree) -> int:
     """Largest per-device share of a tree of sharded ShapeDtypeStructs."""
     total = 0
@@ -145,15 +163,7 @@ def dry_run(
     params = abstract_params(config, grok.formats, mesh, rules)
     cache = abstract_cache(config, mesh, batch, context, grok.compute_dtype)
     engine = Engine(grok, params, max_bucket=prefill_chunk, cache_len=context)
-    batch_sharding = NamedSharding(mesh, sharding.spec_for(("batch",), (batch,), mesh, "batch"))
-    tokens_sharding = NamedSharding(
-        mesh, sharding.spec_for(("batch", "layers"), (batch, 1), mesh, "tokens")
-    )
-    n_new = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
-    embed = params["grok1/embed"]["embeddings"]  # `Engine.table`, held beside the parameters
-    table = jax.ShapeDtypeStruct(
-        embed.shape, jax.eval_shape(grok.embedding_table, params).dtype, sharding=embed.sharding
-    )
+    table = abstract_table(grok, params)  # `Engine.table`, held beside the parameters
     chunk = min(prefill_chunk, context)
     report = {
         "config": config.to_dict(),
@@ -167,7 +177,7 @@ def dry_run(
     }
     with mesh:
         for name, m in (("decode", 1), ("prefill", chunk)):
-            toks = jax.ShapeDtypeStruct((batch, m), jnp.int32, sharding=tokens_sharding)
+            toks, n_new = abstract_step_inputs(mesh, batch, m)
             t0 = time.perf_counter()
             lowered = engine._chunk.lower(params, cache, toks, n_new, kv_len=context, table=table)
             t1 = time.perf_counter()
@@ -183,7 +193,7 @@ def dry_run(
     totals = [report[n]["memory"].get("total", 0) for n in ("decode", "prefill")]
     # the programs read the embedding through the engine's table and leave the parameter out of
     # their arguments (jit drops unused ones), but the model still holds it
-    embedding = bytes_per_device(embed)
+    embedding = bytes_per_device(params["grok1/embed"]["embeddings"])
     report["embedding_bytes_per_device"] = embedding
     if max(totals):
         report["needed_bytes_per_device"] = max(totals) + embedding
