@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grok1 import moe, sampling  # noqa: E402
 from grok1.config import ModelConfig  # noqa: E402
 from grok1.engine import Engine, Request  # noqa: E402
-from grok1.model import ATTN_MATRICES, MOE, Grok1, WeightFormats, param_table  # noqa: E402
+from grok1.model import ATTN_MATRICES, MOE, ROUNDINGS, Grok1, WeightFormats, param_table  # noqa: E402
 from grok1.plan import abstract_table  # noqa: E402
 
 GiB = 1 << 30
@@ -312,6 +312,8 @@ def main(argv=None):
     )  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--moe", default="auto", choices=moe.STRATEGIES, help="MoE strategy")
+    ap.add_argument("--rounding", default="release", choices=ROUNDINGS,
+                    help="see grok1.model.Grok1 (fast: int8 weights unrounded)")  # fmt: skip
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -333,6 +335,7 @@ def main(argv=None):
         "jax": jax.__version__,
         "dtype": args.dtype,
         "moe_strategy": args.moe,
+        "rounding": args.rounding,
         "context": args.context or config.sequence_len,
     }
     if args.layers:
@@ -344,7 +347,8 @@ def main(argv=None):
                 f"{row['compile_prefill_s']:>18.2f}"
             )
     else:
-        grok = Grok1(config, WeightFormats.release(config), dtype=args.dtype, moe_strategy=args.moe)
+        grok = Grok1(config, WeightFormats.release(config), dtype=args.dtype,
+                     moe_strategy=args.moe, rounding=args.rounding)  # fmt: skip
         params = jax.jit(grok.init)(jax.random.PRNGKey(args.seed))
         jax.block_until_ready(params)
         bw = measure_bandwidth()
@@ -369,8 +373,9 @@ def main(argv=None):
             f"{k.replace('_', ' ')} {v / 1e9:.1f}" for k, v in bw.items() if k != "best"
         )
         print(
-            f"{args.config}, {config.num_layers} layers; device {report['device']} "
-            f"({report['cpus']} cpus); bandwidth {bw['best'] / 1e9:.1f} GB/s ({parts})"
+            f"{args.config}, {config.num_layers} layers, rounding {args.rounding}; "
+            f"device {report['device']} ({report['cpus']} cpus); "
+            f"bandwidth {bw['best'] / 1e9:.1f} GB/s ({parts})"
         )
         head = (
             f"{'batch':>5} {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} "

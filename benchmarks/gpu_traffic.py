@@ -188,7 +188,7 @@ def distinct_experts(tokens: int, k: int, experts: int) -> float:
     return experts * (1 - ((experts - k) / experts) ** tokens)
 
 
-def compile_step(config, devices, data, batch, context, moe_strategy, target):
+def compile_step(config, devices, data, batch, context, moe_strategy, target, rounding="release"):
     """The compiled one-token step for `devices` GPUs described by `target`."""
     from jax.experimental import topologies
 
@@ -200,7 +200,8 @@ def compile_step(config, devices, data, batch, context, moe_strategy, target):
         platform="cuda", topology=f"1x1x{devices}", target_config=target
     )
     mesh = sharding.make_mesh({"data": data, "model": devices // data}, topology.devices)
-    grok = Grok1(config, WeightFormats.release(config), moe_strategy=moe_strategy, mesh=mesh)
+    grok = Grok1(config, WeightFormats.release(config), moe_strategy=moe_strategy, mesh=mesh,
+                 rounding=rounding)  # fmt: skip
     params = plan.abstract_params(config, grok.formats, mesh)
     cache = plan.abstract_cache(config, mesh, batch, context, grok.compute_dtype)
     tokens, n_new = plan.abstract_step_inputs(mesh, batch, 1)
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
 
     from grok1 import moe
     from grok1.config import ModelConfig
-    from grok1.model import WeightFormats
+    from grok1.model import ROUNDINGS, WeightFormats
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="grok1", choices=ModelConfig.PRESETS)
@@ -226,6 +227,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, default=8192, help="cache slots, all attended")
     ap.add_argument("--moe", default="auto", choices=moe.STRATEGIES, help="MoE strategy")
+    ap.add_argument("--rounding", default="release", choices=ROUNDINGS, help="see grok1.model")
     ap.add_argument("--target", default=None, help="GpuTargetConfig text file (default H100)")
     ap.add_argument("--top", type=int, default=5, help="largest movers to list per batch")
     args = ap.parse_args(argv)
@@ -238,10 +240,11 @@ def main(argv=None) -> None:
     model = args.devices // args.data
     mesh = f"data {args.data} x model {model}"
     print(f"{args.config}, {config.num_layers} layers, {args.devices} devices ({mesh}), "
-          f"context {args.context}, MoE {args.moe}; per device and step:")  # fmt: skip
+          f"context {args.context}, MoE {args.moe}, rounding {args.rounding}; "
+          f"per device and step:")  # fmt: skip
     for batch in args.batch:
         compiled = compile_step(
-            config, args.devices, args.data, batch, args.context, args.moe, target
+            config, args.devices, args.data, batch, args.context, args.moe, target, args.rounding
         )
         k, e = config.num_selected_experts, config.num_experts
         used = distinct_experts(batch, k, e)

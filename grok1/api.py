@@ -283,8 +283,9 @@ def load(
       dtype: "bfloat16" (the release's numerics) or "float32".
       config: overrides the directory's config.
       moe_strategy: "auto", "gather", "dense" or "grouped" (see `grok1.moe`).
-      rounding: "release" (the release's default-flag numerics) or "strict" (every rounding of
-        SPEC.md §2); see `grok1.model.Grok1`.
+      rounding: "release" (the release's default-flag numerics), "strict" (every rounding of
+        SPEC.md §2) or "fast" ("release" with the int8 weights unrounded: faster on CPU, not
+        the release's numerics); see `grok1.model.Grok1`.
       tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model.
       mesh: a `jax.sharding.Mesh` or a dict of axis sizes such as {"data": 1, "model": 8};
         None keeps everything on the first device.

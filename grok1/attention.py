@@ -108,10 +108,11 @@ def read_cache(cache: jax.Array, layer: jax.Array, kv_len: int, dtype) -> jax.Ar
 class Attention(hk.Module):
     """The release's `multi_head_attention`: query/key/value/linear matrices, no biases.
 
-    The output is bf16(o @ Wo) in the compute dtype, except under rounding="release" with an int8
-    `linear` matrix: the release's compiled program (XLA's default flags) feeds the float32 dot
-    result straight into the post-attention RMSNorm, so the output is returned in float32,
-    unrounded. (With a plain float32 matrix the release's output stays rounded.)
+    The output is bf16(o @ Wo) in the compute dtype, except under rounding="release" (and
+    "fast") with an int8 `linear` matrix: the release's compiled program (XLA's default flags)
+    feeds the float32 dot result straight into the post-attention RMSNorm, so the output is
+    returned in float32, unrounded. (With a plain float32 matrix the release's output stays
+    rounded.)
     """
 
     def __init__(
@@ -136,15 +137,17 @@ class Attention(hk.Module):
 
         def project(name, x, n_out, out_dtype=dtype):  # a closure: a method would get a
             b, t, n_in = x.shape  # "~_method" Haiku scope
+            flat = x.reshape(b * t, n_in)
+            rounded = layers.rounded_for(self.rounding, self.formats[name].quantized)
             if stacked is not None and name in stacked.leaves:
                 if b * t <= layers.KERNEL_MAX_ROWS:
-                    flat = x.reshape(b * t, n_in).astype(layers.F32)
-                    y = stacked.matmul(flat, name, None, out_dtype, dtype)
+                    y = stacked.matmul(flat.astype(layers.F32), name, None, out_dtype, dtype,
+                                       rounded)  # fmt: skip
                     return y.reshape(b, t, n_out)
-                w = layers.matrix(stacked.layer_params(name), dtype)
+                params = stacked.layer_params(name)
             else:
-                w = layers.Matrix(n_in, n_out, self.formats[name], name=name)(dtype)
-            return layers.dot("btd,df->btf", x, w, out_dtype, rows=b * t)
+                params = layers.Matrix(n_in, n_out, self.formats[name], name=name).params()
+            return layers.matmul(flat, params, out_dtype, dtype, rounded).reshape(b, t, n_out)
 
         b, t, d = x.shape
         q = project("query", x, c.num_q_heads * c.key_size)
@@ -168,5 +171,5 @@ class Attention(hk.Module):
         else:  # the keys are this call's tokens
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         o = attend(q, k, v, mask, c, cached)
-        unrounded = self.rounding == "release" and self.formats["linear"].quantized
+        unrounded = self.rounding != "strict" and self.formats["linear"].quantized
         return project("linear", o, d, layers.F32 if unrounded else dtype), new_cache

@@ -43,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="split whole experts over the model axis (throughput at large batches)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--rounding", default="release", choices=["release", "strict", "fast"],
+                   help="bf16 roundings: the release's (default), every one written in its "
+                   "source, or the release's with int8 weights unrounded (faster on CPU; not "
+                   "the release's numerics)")  # fmt: skip
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on a terminal)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
         mesh=parse_mesh(args.mesh),
         expert_parallel=args.expert_parallel,
         dtype=args.dtype,
+        rounding=args.rounding,
         tokenizer=tok_path,
         progress=sys.stderr.isatty() and not args.json,
     )

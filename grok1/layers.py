@@ -140,6 +140,13 @@ def _rounds(dtype, rounded: bool | None) -> bool:
     return dtype != F32 if rounded is None else rounded
 
 
+def rounded_for(rounding: str, quantized: bool) -> bool | None:
+    """The `rounded` argument for a matrix under a model's rounding mode (`grok1.model.Grok1`):
+    False for an int8 matrix under "fast" (used as q * s exactly), None (the rule of
+    `dequantize`) otherwise."""
+    return False if rounding == "fast" and quantized else None
+
+
 def matrix(params: dict, dtype, rounded=None) -> jax.Array:
     """The usable weight in `dtype` from a matrix leaf dict ({"w", "scales"} or {"w"})."""
     if "scales" in params:
@@ -151,28 +158,47 @@ def matrix(params: dict, dtype, rounded=None) -> jax.Array:
     return w.astype(dtype)
 
 
+def folds_scales(params: dict, weight_dtype, rounded=None) -> bool:
+    """Whether `matmul` applies this matrix's scales to the sums: an int8 weight wanted in bf16
+    but unrounded (`rounded_for`), which is q * s exactly, not a bf16 value."""
+    return "scales" in params and weight_dtype != F32 and rounded is False
+
+
 def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, blocks: int = 1):
     """`x @ matrix(params, weight_dtype, rounded)` accumulated in float32, rounded to out_dtype.
 
-    x: [N, In]. With `blocks` > 1 (a multiple of the scale groups, dividing In), the weight is
-    dequantised and multiplied `In / blocks` rows at a time and the partial products summed: on
-    CPU the dequantised block stays in cache instead of a whole float32 copy of the matrix going
-    through memory. Only the float32 summation order differs from `blocks=1`.
+    x: [N, In]. An int8 weight wanted in bf16 but unrounded (`folds_scales`) is not dequantised:
+    each scale group's rows multiply x as int8 values (exact in bf16) and the group's scales
+    multiply the float32 sums, `sum_g (x_g @ q_g) * s_g`: the products with q * s in another
+    summation order (as the CPU kernel computes them), with the dots' operands still bf16 on
+    accelerators. With `blocks` > 1 (a multiple of the scale groups, dividing In), the weight is
+    used `In / blocks` rows at a time and the partial products summed: on CPU each block's
+    float32 copy stays in cache instead of a whole float32 copy of the matrix going through
+    memory. Only the float32 summation order differs from `blocks=1`.
     """
     w = params["w"]
     n_in = w.shape[-2]
     groups = params["scales"].shape[-2] if "scales" in params else 1
+    folded = folds_scales(params, weight_dtype, rounded)
     if blocks <= 1 or n_in % blocks or blocks % groups:
+        blocks = groups if folded else 1
+    if blocks == 1 and not folded:
         return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype, x.shape[0])
     rows, acc = n_in // blocks, None
     for b in range(blocks):
-        part = {"w": w[b * rows : (b + 1) * rows]}
-        if "scales" in params:
+        xb, wb = x[:, b * rows : (b + 1) * rows], w[b * rows : (b + 1) * rows]
+        if folded:  # int8 values are exact in bf16; converted once, to the dot's own dtype
             g = b * groups // blocks
-            part["scales"] = params["scales"][g : g + 1]
-        partial = dot("nd,df->nf", x[:, b * rows : (b + 1) * rows],
-                      matrix(part, weight_dtype, rounded), F32, x.shape[0])  # fmt: skip
-        acc = partial if acc is None else acc + partial
+            wb = wb.astype(F32 if dots_in_f32(x.shape[0]) else BF16)
+            part = dot("nd,df->nf", xb, wb, F32, x.shape[0])
+            part = part * params["scales"][g].astype(F32)
+        else:
+            part = {"w": wb}
+            if "scales" in params:
+                g = b * groups // blocks
+                part["scales"] = params["scales"][g : g + 1]
+            part = dot("nd,df->nf", xb, matrix(part, weight_dtype, rounded), F32, x.shape[0])
+        acc = part if acc is None else acc + part
     return acc.astype(out_dtype)
 
 

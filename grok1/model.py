@@ -27,8 +27,9 @@ F32, BF16 = layers.F32, layers.BF16
 DTYPES = {"bfloat16": BF16, "float32": F32}
 # "release": the roundings the release's compiled program performs under XLA's default flags
 # (what its golden logits.npy show); "strict": every rounding of SPEC.md §2 as written (what it
-# computes with --xla_allow_excess_precision=false, logits_strict.npy). See `Grok1`.
-ROUNDINGS = ("release", "strict")
+# computes with --xla_allow_excess_precision=false, logits_strict.npy); "fast": "release" with the
+# int8 weights used unrounded (not the release's numerics; faster on CPU). See `Grok1`.
+ROUNDINGS = ("release", "strict", "fast")
 
 STACK = "grok1/layers"
 ATTN = f"{STACK}/decoder_layer/attention"
@@ -262,6 +263,13 @@ class Grok1:
           outputs, logits) is rounded as in "strict". This reproduces the single-device golden
           logits bit for bit when layers are unrolled; with our scanned layer stack, float32
           summation-order differences flip occasional bf16 roundings, and that noise remains.
+        * "fast": as "release", except that every int8 weight is used as q * s exactly instead
+          of bf16(q * s), so its scales multiply the sums of each scale group rather than every
+          weight (`layers.matmul`; the CPU kernels skip a conversion and rounding per weight:
+          decode is 20-40 % faster on the benchmark CPU). Not the release's numerics: a
+          perturbation of the weights of relative size 2^-9, which on the golden cases moves
+          logits by up to ~0.2 and, where the router's 2nd and 3rd experts are nearly tied,
+          can flip an expert choice (README, "How the numerics are verified").
     """
 
     config: ModelConfig

@@ -6,7 +6,8 @@ F expert hidden size, Gs scale groups. Expert e computes (SPEC.md §2)
 
     u = f32(round(z @ Wv_e)),  g = gelu_tanh(f32(round(z @ Wg_e))),  o = (u * g) @ f32(Wd_e)
 
-(Wd_e exact, not rounded, for int8 weights under rounding="release": see `round_down_weight`)
+(Wd_e exact, not rounded, for int8 weights under rounding="release"; every int8 W exact under
+"fast": see `weight_rounding`)
 and a token's output is round(Σ_slots f32(bf16(gate)) * o), `round` being to the activation
 dtype and the final one always to bfloat16 (as the release's casts do).
 
@@ -69,22 +70,24 @@ def _cpu_blocks() -> int:
     return 16 if jax.default_backend() == "cpu" else 1
 
 
-def round_down_weight(down_p: dict, dtype, rounding: str) -> bool:
-    """Whether the float32 down-projection uses bf16(W) (bf16 mode) or the exact dequantised W.
+def weight_rounding(raw: dict, dtype, rounding: str) -> dict:
+    """The `rounded` argument (`layers.matmul`) of each expert matrix under the model's rounding.
 
-    SPEC.md §2 writes `o = h @ f32(Wd_e)` with Wd_e = bf16(bf16(q) * s). Under XLA's default
-    flags the release's compiled program widens the bf16 product `q * s` straight into the
-    float32 dot, so that rounding is dropped for int8 weights (rounding="release"); a plain
-    float32 matrix is still cast to bf16 first. "strict" keeps the rounding.
+    raw: {"gate", "up", "down": matrix leaves}. Gate and up follow `layers.rounded_for`. The
+    down projection runs in float32: SPEC.md §2 writes `o = h @ f32(Wd_e)` with
+    Wd_e = bf16(bf16(q) * s), but under XLA's default flags the release's compiled program widens
+    the bf16 product `q * s` straight into the float32 dot, so that rounding is dropped for int8
+    weights ("release", and "fast"); a plain float32 matrix is still cast to bf16 first (bf16
+    mode). "strict" keeps the rounding.
     """
-    if dtype != BF16:
-        return False
-    return rounding == "strict" or "scales" not in down_p
+    rounded = {n: layers.rounded_for(rounding, "scales" in raw[n]) for n in ("gate", "up")}
+    rounded["down"] = dtype == BF16 and (rounding == "strict" or "scales" not in raw["down"])
+    return rounded
 
 
-def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down: bool):
-    """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis; round_down: see
-    `round_down_weight`. Returns [N, k, D].
+def experts_gather(z, idx, gate_p, up_p, down_p, dtype, rounded: dict):
+    """z: [N, D]; idx: [N, k]; *_p: raw matrix leaves with a leading [E] axis; rounded: see
+    `weight_rounding`. Returns [N, k, D].
 
     One 2-D product per (token, slot), unrolled (N·k is small here): batched matrix-vector
     products take a slow path on XLA:CPU.
@@ -97,21 +100,21 @@ def experts_gather(z, idx, gate_p, up_p, down_p, dtype, round_down: bool):
         slots = []
         for j in range(k):
             pick = lambda p: {name: leaf[idx[i, j]] for name, leaf in p.items()}  # noqa: B023
-            g = layers.matmul(x, pick(gate_p), dtype, dtype, blocks=blocks)
-            u = layers.matmul(x, pick(up_p), dtype, dtype, blocks=blocks)
+            g = layers.matmul(x, pick(gate_p), dtype, dtype, rounded["gate"], blocks)
+            u = layers.matmul(x, pick(up_p), dtype, dtype, rounded["up"], blocks)
             h = expert_hidden(u, g)
-            o = layers.matmul(h, pick(down_p), F32, F32, rounded=round_down, blocks=blocks)
+            o = layers.matmul(h, pick(down_p), F32, F32, rounded["down"], blocks)
             slots.append(o)  # [1, D]
         rows.append(jnp.stack(slots, axis=1))  # [1, k, D]
     return jnp.concatenate(rows, axis=0)
 
 
-def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, round_down: bool):
+def experts_dense(z, idx, gates, gate_p, up_p, down_p, dtype, rounded: dict):
     """See `experts_dense_sum`; the combined output rounded to bf16, [N, D]."""
-    return experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down).astype(BF16)
+    return experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, rounded).astype(BF16)
 
 
-def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down: bool):
+def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, rounded: dict):
     """Every token through every expert that some token uses, one expert at a time (a loop
     whose unused iterations are skipped), weighted by the token's gate for it (0 if not
     selected). Reads each used expert once; compute grows with N x used experts, which suits
@@ -127,17 +130,17 @@ def experts_dense_sum(z, idx, gates, gate_p, up_p, down_p, dtype, round_down: bo
 
     def expert(e, acc):
         pick = lambda p: {name: leaf[e] for name, leaf in p.items()}  # noqa: E731
-        g = layers.matmul(z, pick(gate_p), dtype, dtype)  # row blocks measured slower here
-        u = layers.matmul(z, pick(up_p), dtype, dtype)
+        g = layers.matmul(z, pick(gate_p), dtype, dtype, rounded["gate"])  # no row blocks:
+        u = layers.matmul(z, pick(up_p), dtype, dtype, rounded["up"])  # measured slower here
         h = expert_hidden(u, g)
-        o = layers.matmul(h, pick(down_p), F32, F32, rounded=round_down)
+        o = layers.matmul(h, pick(down_p), F32, F32, rounded["down"])
         return acc + weight[:, e, None] * o
 
     body = lambda e, acc: jax.lax.cond(used[e], expert, lambda _, a: a, e, acc)  # noqa: E731
     return jax.lax.fori_loop(0, num_experts, body, jnp.zeros((n, z.shape[-1]), F32))
 
 
-def experts_parallel(z, idx, gates, gate_p, up_p, down_p, dtype, round_down, mesh):
+def experts_parallel(z, idx, gates, gate_p, up_p, down_p, dtype, rounded: dict, mesh):
     """Expert parallelism: the experts split whole over the mesh's "model" axis.
 
     Each device runs `experts_dense_sum` over its own E / M experts for every token of its
@@ -153,7 +156,7 @@ def experts_parallel(z, idx, gates, gate_p, up_p, down_p, dtype, round_down, mes
         first = jax.lax.axis_index("model") * per_device
         mine = (idx >= first) & (idx < first + per_device)
         local_idx = jnp.where(mine, idx - first, per_device)  # out of range: ignored
-        part = experts_dense_sum(z, local_idx, gates, gate_p, up_p, down_p, dtype, round_down)
+        part = experts_dense_sum(z, local_idx, gates, gate_p, up_p, down_p, dtype, rounded)
         return jax.lax.psum(part, "model")
 
     tokens = P("data", None)
@@ -165,42 +168,55 @@ def experts_parallel(z, idx, gates, gate_p, up_p, down_p, dtype, round_down, mes
     return out.astype(BF16)
 
 
-def experts_grouped(z, idx, gate_p, up_p, down_p, dtype, round_down: bool):
-    """Sort (token, slot) pairs by expert and use ragged dots. Same contract as experts_gather."""
+def experts_grouped(z, idx, gate_p, up_p, down_p, dtype, rounded: dict):
+    """Sort (token, slot) pairs by expert and use ragged dots. Same contract as experts_gather.
+    An int8 matrix used unrounded is multiplied as int8 values, its scales applied to each scale
+    group's sums (as `layers.matmul` does)."""
     n, k = idx.shape
     num_experts = gate_p["w"].shape[0]
     flat = idx.reshape(-1)  # [N·k]
     order = jnp.argsort(flat, stable=True)
     xs = z[order // k]  # [N·k, D], grouped by expert
+    experts = flat[order]  # [N·k], each row's expert
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
 
-    def rdot(x, w, out_dtype):
+    def rdot(x, w):
         precision = jax.lax.Precision.HIGHEST if F32 in (x.dtype, w.dtype) else None
-        out = jax.lax.ragged_dot(x, w, sizes, precision=precision, preferred_element_type=F32)
-        return out.astype(out_dtype)
+        return jax.lax.ragged_dot(x, w, sizes, precision=precision, preferred_element_type=F32)
 
-    g = rdot(xs, layers.matrix(gate_p, dtype), dtype)  # [N·k, F]
-    u = rdot(xs, layers.matrix(up_p, dtype), dtype)
-    w_down = layers.matrix(down_p, F32, rounded=round_down)
-    o = rdot(expert_hidden(u, g), w_down, F32)  # [N·k, D]
+    def product(x, p, out_dtype, weight_dtype, rounded):
+        if not layers.folds_scales(p, weight_dtype, rounded):
+            return rdot(x, layers.matrix(p, weight_dtype, rounded)).astype(out_dtype)
+        q, scales = p["w"], p["scales"]  # [E, In, Out], [E, Gs, Out]
+        per = q.shape[1] // scales.shape[1]
+        acc = 0.0
+        for g in range(scales.shape[1]):
+            rows = slice(g * per, (g + 1) * per)
+            part = rdot(x[:, rows], q[:, rows].astype(x.dtype))
+            acc = acc + part * scales[experts, g].astype(F32)
+        return acc.astype(out_dtype)
+
+    g = product(xs, gate_p, dtype, dtype, rounded["gate"])  # [N·k, F]
+    u = product(xs, up_p, dtype, dtype, rounded["up"])
+    o = product(expert_hidden(u, g), down_p, F32, F32, rounded["down"])  # [N·k, D]
     unsorted = jnp.zeros_like(o).at[order].set(o)
     return unsorted.reshape(n, k, -1)
 
 
-def experts_kernel(z, idx, stacked: layers.Stacked, dtype, round_down: bool):
+def experts_kernel(z, idx, stacked: layers.Stacked, dtype, rounded: dict):
     """The native CPU kernel (`grok1.kernels`) on the whole stack of experts.
 
     z: [N, D]; idx: [N, k]; stacked: holds "gate", "up" and "down" with leading [L, E] axes.
     Each (token, slot) row selects its expert of this layer; rows that select the same expert
-    share one pass over its int8 bytes. `round_down`: see `round_down_weight`. Returns
+    share one pass over its int8 bytes. `rounded`: see `weight_rounding`. Returns
     [N, k, D] float32.
     """
     n, k = idx.shape
     sel = idx.reshape(n * k)
     x = jnp.repeat(z.astype(F32), k, axis=0)  # [N·k, D], row n·k + j is (token n, slot j)
-    g = stacked.matmul(x, "gate", sel, dtype, dtype)
-    u = stacked.matmul(x, "up", sel, dtype, dtype)
-    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, F32, rounded=round_down)
+    g = stacked.matmul(x, "gate", sel, dtype, dtype, rounded["gate"])
+    u = stacked.matmul(x, "up", sel, dtype, dtype, rounded["up"])
+    o = stacked.matmul(expert_hidden(u, g), "down", sel, F32, F32, rounded["down"])
     return o.reshape(n, k, -1)
 
 
@@ -256,8 +272,8 @@ class MoE(hk.Module):
         gates, idx = route(flat, router_w, c.num_selected_experts)
         held = () if stacked is None else tuple(n for n in MATRICES if n in stacked.leaves)
         if len(held) == len(MATRICES) and b * t * idx.shape[1] <= layers.KERNEL_MAX_ROWS:
-            round_down = round_down_weight(stacked.leaves["down"], z.dtype, self.rounding)
-            o = experts_kernel(flat, idx, stacked, z.dtype, round_down)
+            rounded = weight_rounding(stacked.leaves, z.dtype, self.rounding)
+            o = experts_kernel(flat, idx, stacked, z.dtype, rounded)
             return combine(o, gates).reshape(b, t, d)
         shapes = {"gate": (d, f), "up": (d, f), "down": (f, d)}
         raw = {
@@ -272,8 +288,8 @@ class MoE(hk.Module):
         """[N, D] -> [N, D] bf16 through the chosen pure-JAX strategy."""
         n, k = idx.shape
         strategy = choose_strategy(self.strategy, n, k, self.config.num_experts)
-        round_down = round_down_weight(raw["down"], flat.dtype, self.rounding)
-        args = (raw["gate"], raw["up"], raw["down"], flat.dtype, round_down)
+        rounded = weight_rounding(raw, flat.dtype, self.rounding)
+        args = (raw["gate"], raw["up"], raw["down"], flat.dtype, rounded)
         if self.expert_mesh is not None:
             return experts_parallel(flat, idx, gates, *args, self.expert_mesh)
         if strategy == "dense":

@@ -150,16 +150,18 @@ def test_attention_layer_out_of_range_is_an_error():
 CONFIG = ModelConfig.preset("tiny")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_model_with_kernels_equals_model_without(dtype):
-    with_k = Grok1(CONFIG, WeightFormats.release(CONFIG), dtype=dtype)
-    without = Grok1(CONFIG, WeightFormats.release(CONFIG), dtype=dtype, cpu_kernels=False)
+@pytest.mark.parametrize("dtype,rounding", [("bfloat16", "release"), ("float32", "release"),
+                                            ("bfloat16", "fast")])  # fmt: skip
+def test_model_with_kernels_equals_model_without(dtype, rounding):
+    formats = WeightFormats.release(CONFIG)
+    with_k = Grok1(CONFIG, formats, dtype=dtype, rounding=rounding)
+    without = Grok1(CONFIG, formats, dtype=dtype, rounding=rounding, cpu_kernels=False)
     assert len(with_k.kernel_matrices()) == 7 and not without.kernel_matrices()
     params = with_k.init(jax.random.PRNGKey(1))
     rng = np.random.default_rng(2)
     # rows within KERNEL_MAX_ROWS (the kernel), and past it (XLA on the whole stacks' slices);
     # one-token decode steps go through the kernel in tests/test_engine.py and test_golden.py
-    shapes = [(3, 5), (2, 40)] if dtype == "bfloat16" else [(3, 5)]
+    shapes = [(3, 5), (2, 40)] if (dtype, rounding) == ("bfloat16", "release") else [(3, 5)]
     for batch, length in shapes:
         tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (batch, length)), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -169,6 +171,10 @@ def test_model_with_kernels_equals_model_without(dtype):
         # the same values up to float32 summation order, which can move a bf16 rounding by 1 ulp
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05, rtol=0.02)
         assert (np.asarray(a).argmax(-1) == np.asarray(b).argmax(-1)).mean() > 0.95
+        if rounding == "fast":  # unrounded weights: not the release's numbers
+            release = Grok1(CONFIG, formats, dtype=dtype, cpu_kernels=False)
+            r = jax.jit(release.apply)(params, tokens, positions, mask)[0].astype(jnp.float32)
+            assert not np.array_equal(np.asarray(a), np.asarray(r))
 
 
 def test_cached_steps_with_kernels_equal_steps_without():

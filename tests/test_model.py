@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 
 from grok1 import attention, layers
 from grok1.checkpoint import loader, release
@@ -123,6 +124,31 @@ def test_row_blocked_matmul_equals_one_block():
                                                         rounded=True))  # fmt: skip
     np.testing.assert_allclose(np.asarray(one), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(many), want, rtol=1e-5, atol=1e-5)
+
+
+FOLDED = [(1, 1, jnp.bfloat16), (8, 1, jnp.float32), (8, 16, jnp.bfloat16), (1, 16, jnp.float32)]
+
+
+@pytest.mark.parametrize("groups,blocks,x_dtype", FOLDED)
+def test_unrounded_int8_matmul_applies_the_scales_to_the_sums(groups, blocks, x_dtype):
+    """An int8 weight wanted in bf16 but unrounded (rounding="fast") is q * s exactly, and its
+    scales multiply each group's sums: no dequantised copy of the weight is formed."""
+    w = rng.integers(-127, 128, size=(64, 24)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, size=(groups, 24)).astype(BF16)
+    params = {"w": jnp.asarray(w), "scales": jnp.asarray(scales)}
+    x = jnp.asarray(rng.normal(size=(3, 64)), x_dtype)
+    fn = lambda x: layers.matmul(x, params, jnp.float32, jnp.bfloat16, False, blocks)  # noqa: E731
+    got = np.asarray(fn(x), np.float64)
+    exact = np.repeat(scales.astype(np.float64), 64 // groups, axis=0) * w
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    want = x64 @ exact
+    rounded = x64 @ exact.astype(np.float32).astype(BF16).astype(np.float64)
+    err = np.abs(got - want).max()
+    assert err <= 1e-5 * np.abs(want).max(), err
+    assert err < np.abs(rounded - want).max() / 10  # the weights really are unrounded
+    for eqn in jax.make_jaxpr(fn)(x).eqns:  # every product with a scale is one of the sums'
+        if eqn.primitive.name == "mul":
+            assert eqn.outvars[0].aval.shape == (3, 24), eqn
 
 
 def test_large_random_leaves_are_generated_in_slices(monkeypatch):

@@ -42,8 +42,9 @@ def expert_leaf(params, name, e):
     return {key: v[e] for key, v in params[f"moe/{name}"].items()}
 
 
-def oracle(params, z, k, dtype):
-    """For each token, for each of its top-k experts, the expert FFN; gates are raw softmax."""
+def oracle(params, z, k, dtype, rounding="release"):
+    """For each token, for each of its top-k experts, the expert FFN; gates are raw softmax.
+    Under rounding="fast" every int8 weight is q * s exactly."""
     p = params["moe"]
     rnd = bf16 if dtype == jnp.bfloat16 else (lambda x: np.asarray(x, np.float32))
     zf = np.asarray(z.astype(jnp.float32))  # [N, D]
@@ -55,7 +56,8 @@ def oracle(params, z, k, dtype):
         order = sorted(range(probs.shape[1]), key=lambda e: (-probs[n, e], e))[:k]
         acc = np.zeros(zf.shape[1], np.float32)
         for e in order:
-            w = {m: dequant(expert_leaf(params, m, e), dtype == jnp.bfloat16) for m in MATS}
+            rounded = dtype == jnp.bfloat16 and rounding != "fast"
+            w = {m: dequant(expert_leaf(params, m, e), rounded) for m in MATS}
             if "scales" not in params["moe/down"]:  # the down projection runs in f32
                 w["down"] = np.asarray(expert_leaf(params, "down", e)["w"], np.float32)
             u = rnd(zf[n] @ w["up"])
@@ -66,12 +68,12 @@ def oracle(params, z, k, dtype):
     return out
 
 
-def make(config, groups, strategy, dtype):
+def make(config, groups, strategy, dtype, rounding="release"):
     fmt = MatrixFormat(groups)
     formats = {"gate": fmt, "up": fmt, "down": fmt}
 
     def fn(z):
-        return moe.MoE(config, formats, strategy=strategy)(z)
+        return moe.MoE(config, formats, strategy=strategy, rounding=rounding)(z)
 
     t = hk.without_apply_rng(hk.transform(fn))
     return t
@@ -86,15 +88,17 @@ CASES = [  # (activation dtype, scale groups or None for a plain f32 matrix, tok
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype,groups,tokens", CASES)
-def test_strategies_match_loop_oracle(dtype, groups, tokens):
+@pytest.mark.parametrize("dtype,groups,tokens,rounding", [(*c, "release") for c in CASES] + [
+    (jnp.bfloat16, 8, 4, "fast"), (jnp.bfloat16, 1, 12, "fast"), (jnp.bfloat16, None, 5, "fast"),
+])  # fmt: skip
+def test_strategies_match_loop_oracle(dtype, groups, tokens, rounding):
     key = jax.random.PRNGKey(tokens * 10 + (groups or 0))
     z = jax.random.normal(key, (1, tokens, CONFIG.emb_size)).astype(dtype)
     params = make(CONFIG, groups, "gather", dtype).init(jax.random.PRNGKey(1), z)
-    want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype)
+    want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype, rounding)
     scale = np.abs(want).max()
     for strategy in ("gather", "dense", "grouped"):
-        got = jax.jit(make(CONFIG, groups, strategy, dtype).apply)(params, z)
+        got = jax.jit(make(CONFIG, groups, strategy, dtype, rounding).apply)(params, z)
         assert got.dtype == jnp.bfloat16  # the release casts the MoE output to bf16
         got = np.asarray(got.astype(jnp.float32)).reshape(tokens, -1)
         err = np.abs(got - want)
