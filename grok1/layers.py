@@ -168,37 +168,36 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
     """`x @ matrix(params, weight_dtype, rounded)` accumulated in float32, rounded to out_dtype.
 
     x: [N, In]. An int8 weight wanted in bf16 but unrounded (`folds_scales`) is not dequantised:
-    each scale group's rows multiply x as int8 values (exact in bf16) and the group's scales
-    multiply the float32 sums, `sum_g (x_g @ q_g) * s_g`: the products with q * s in another
-    summation order (as the CPU kernel computes them), with the dots' operands still bf16 on
-    accelerators. With `blocks` > 1 (a multiple of the scale groups, dividing In), the weight is
-    used `In / blocks` rows at a time and the partial products summed: on CPU each block's
-    float32 copy stays in cache instead of a whole float32 copy of the matrix going through
-    memory. Only the float32 summation order differs from `blocks=1`.
+    each scale group's rows multiply x as int8 values (exact in bf16), in one product batched
+    over the groups, and the group's scales multiply the float32 sums, `sum_g (x_g @ q_g) * s_g`:
+    the products with q * s in another summation order (as the CPU kernel computes them). With
+    `blocks` > 1 (a multiple of the scale groups, dividing In), any other weight is dequantised
+    and multiplied `In / blocks` rows at a time and the partial products summed: on CPU each
+    block's float32 copy stays in cache instead of a whole float32 copy of the matrix going
+    through memory. Only the float32 summation order differs from `blocks=1`.
     """
     w = params["w"]
-    n_in = w.shape[-2]
+    n, n_in = x.shape
+    if folds_scales(params, weight_dtype, rounded):
+        scales = params["scales"]  # [Gs, Out]
+        groups, n_out = scales.shape
+        q = w.astype(F32 if dots_in_f32(n) else BF16)  # int8 values: exact either way
+        q = q.reshape(groups, n_in // groups, n_out)
+        xg = x.reshape(n, groups, n_in // groups)
+        sums = dot("ngi,gio->ngo", xg, q, F32, n)  # [N, Gs, Out]
+        return jnp.sum(sums * scales.astype(F32), axis=1).astype(out_dtype)
     groups = params["scales"].shape[-2] if "scales" in params else 1
-    folded = folds_scales(params, weight_dtype, rounded)
     if blocks <= 1 or n_in % blocks or blocks % groups:
-        blocks = groups if folded else 1
-    if blocks == 1 and not folded:
-        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype, x.shape[0])
+        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype, n)
     rows, acc = n_in // blocks, None
     for b in range(blocks):
-        xb, wb = x[:, b * rows : (b + 1) * rows], w[b * rows : (b + 1) * rows]
-        if folded:  # int8 values are exact in bf16; converted once, to the dot's own dtype
+        part = {"w": w[b * rows : (b + 1) * rows]}
+        if "scales" in params:
             g = b * groups // blocks
-            wb = wb.astype(F32 if dots_in_f32(x.shape[0]) else BF16)
-            part = dot("nd,df->nf", xb, wb, F32, x.shape[0])
-            part = part * params["scales"][g].astype(F32)
-        else:
-            part = {"w": wb}
-            if "scales" in params:
-                g = b * groups // blocks
-                part["scales"] = params["scales"][g : g + 1]
-            part = dot("nd,df->nf", xb, matrix(part, weight_dtype, rounded), F32, x.shape[0])
-        acc = part if acc is None else acc + part
+            part["scales"] = params["scales"][g : g + 1]
+        partial = dot("nd,df->nf", x[:, b * rows : (b + 1) * rows],
+                      matrix(part, weight_dtype, rounded), F32, n)  # fmt: skip
+        acc = partial if acc is None else acc + partial
     return acc.astype(out_dtype)
 
 

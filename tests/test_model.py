@@ -146,9 +146,9 @@ def test_unrounded_int8_matmul_applies_the_scales_to_the_sums(groups, blocks, x_
     err = np.abs(got - want).max()
     assert err <= 1e-5 * np.abs(want).max(), err
     assert err < np.abs(rounded - want).max() / 10  # the weights really are unrounded
-    for eqn in jax.make_jaxpr(fn)(x).eqns:  # every product with a scale is one of the sums'
+    for eqn in jax.make_jaxpr(fn)(x).eqns:  # the scales multiply the groups' sums only
         if eqn.primitive.name == "mul":
-            assert eqn.outvars[0].aval.shape == (3, 24), eqn
+            assert eqn.outvars[0].aval.shape == (3, groups, 24), eqn
 
 
 def test_large_random_leaves_are_generated_in_slices(monkeypatch):

@@ -107,9 +107,11 @@ def test_strategies_match_loop_oracle(dtype, groups, tokens, rounding):
         assert err.mean() <= 0.002 * scale, (strategy, err.mean(), scale)
 
 
-def test_gpu_formulation_matches_loop_oracle(monkeypatch):
+@pytest.mark.parametrize("rounding", ["release", "fast"])
+def test_gpu_formulation_matches_loop_oracle(monkeypatch, rounding):
     """What a GPU backend runs, computed here: one-row products widened to float32 (reductions
-    over the int8 weight there), products of more rows as bf16 dots."""
+    over the int8 weight there), products of more rows as bf16 dots (under "fast", of the int8
+    values, exact in bf16)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     from grok1 import layers
 
@@ -117,10 +119,10 @@ def test_gpu_formulation_matches_loop_oracle(monkeypatch):
     dtype, groups, tokens = jnp.bfloat16, 8, 6
     z = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, CONFIG.emb_size)).astype(dtype)
     params = make(CONFIG, groups, "gather", dtype).init(jax.random.PRNGKey(1), z)
-    want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype)
+    want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype, rounding)
     scale = np.abs(want).max()
     for strategy in ("auto", "gather", "grouped"):
-        apply = make(CONFIG, groups, strategy, dtype).apply
+        apply = make(CONFIG, groups, strategy, dtype, rounding).apply
         dots = [e for e in jax.make_jaxpr(apply)(params, z).eqns if "dot" in e.primitive.name]
         operand_types = {str(v.aval.dtype) for e in dots for v in e.invars} - {"int32"}
         limit = moe.ACCELERATOR_GATHER_FACTOR * CONFIG.num_experts  # rows auto gathers on GPU
