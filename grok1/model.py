@@ -266,7 +266,7 @@ class Grok1:
         * "fast": as "release", except that every int8 weight is used as q * s exactly instead
           of bf16(q * s), so its scales multiply the sums of each scale group rather than every
           weight (`layers.matmul`; the CPU kernels skip a conversion and rounding per weight:
-          decode is 20-40 % faster on the benchmark CPU). Not the release's numerics: a
+          decode is 10-25 % faster on the benchmark CPU). Not the release's numerics: a
           perturbation of the weights of relative size 2^-9, which on the golden cases moves
           logits by up to ~0.2 and, where the router's 2nd and 3rd experts are nearly tied,
           can flip an expert choice (README, "How the numerics are verified").
