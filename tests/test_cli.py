@@ -133,3 +133,22 @@ def test_dry_run_of_a_mesh_larger_than_the_devices_here():
 def test_dry_run_mesh_errors(capsys, mesh, extra, message):
     msg = run_main(capsys, "--checkpoint", case_path(CASE), "--dry-run", "--mesh", mesh, *extra)
     assert message in msg and "Traceback" not in msg
+
+
+def test_rounding_flag_reaches_the_model(monkeypatch):
+    import grok1
+
+    seen = {}
+
+    def load(path, **kw):
+        seen.update(kw)
+        raise SystemExit("stop after load")
+
+    monkeypatch.setattr(grok1, "load", load)
+    for rounding in ("fast", None):
+        flags = ["--rounding", rounding] if rounding else []
+        with pytest.raises(SystemExit, match="stop after load"):
+            cli.main(["--checkpoint", case_path(CASE), "--prompt-tokens", "5,6", *flags])
+        assert seen["rounding"] == (rounding or "release")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--rounding", "loose"])
