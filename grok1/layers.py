@@ -169,13 +169,14 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
 
     x: [N, In]. An int8 weight wanted in bf16 but unrounded (`folds_scales`) is not dequantised:
     each scale group's rows multiply x as int8 values (exact in bf16), in one product batched
-    over the groups (a plain product for one group: XLA:CPU runs a size-1 batch axis slowly), and
-    the group's scales multiply the float32 sums, `sum_g (x_g @ q_g) * s_g`: the products with
-    q * s in another summation order (as the CPU kernel computes them). With
-    `blocks` > 1 (a multiple of the scale groups, dividing In), any other weight is dequantised
-    and multiplied `In / blocks` rows at a time and the partial products summed: on CPU each
-    block's float32 copy stays in cache instead of a whole float32 copy of the matrix going
-    through memory. Only the float32 summation order differs from `blocks=1`.
+    over the groups (a plain product for one group: XLA:CPU runs a size-1 batch axis slowly),
+    and the group's scales multiply the float32 sums, `sum_g (x_g @ q_g) * s_g`: the products
+    with q * s in another summation order (as the CPU kernel computes them).
+
+    With `blocks` > 1 (a multiple of the scale groups, dividing In), any other weight is
+    dequantised and multiplied `In / blocks` rows at a time and the partial products summed: on
+    CPU each block's float32 copy stays in cache instead of a whole float32 copy of the matrix
+    going through memory. Only the float32 summation order differs from `blocks=1`.
     """
     w = params["w"]
     n, n_in = x.shape
