@@ -245,7 +245,7 @@ class Grok1:
         "model" axis splits the vocabulary, each device looks up the embedding rows it holds
         (see `_rows_of_vocab_shards`).
       rounding: which bf16 roundings of SPEC.md §2 happen (bf16 mode; float32 mode is the same
-        under both):
+        under all three):
         * "strict": every one, as written; this is the release compiled with
           XLA_FLAGS=--xla_allow_excess_precision=false (its logits_strict.npy).
         * "release" (default): those that the release's compiled program keeps under XLA's
