@@ -36,6 +36,7 @@ from grok1 import sharding
 from grok1.cache import CACHE_AXES, KVCache
 from grok1.config import ModelConfig
 from grok1.model import Grok1, WeightFormats, param_table
+from grok1.numerics import Numerics
 
 GB = 1e9
 PREFILL_CHUNK = 1024
@@ -162,8 +163,10 @@ def dry_run(
         )
     mesh = sharding.make_mesh(mesh_shape)
     sharding.check_mesh(config, mesh, expert_parallel)
+    one_device = mesh.devices.size == 1 and not expert_parallel
+    numerics = Numerics.choose(dtype, kernels=None if one_device else False)
     grok = Grok1(
-        config, WeightFormats.release(config), dtype=dtype, moe_strategy=moe_strategy,
+        config, WeightFormats.release(config), numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
