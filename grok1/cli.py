@@ -234,7 +234,6 @@ def _generate(args, out: Output) -> int:
     import grok1
     from grok1 import distributed
     from grok1.config import ModelConfig
-    from grok1.sampling import SamplingParams
 
     out.primary = distributed.is_primary()
     path, tok_path, is_demo = resolve_model(args)
@@ -255,15 +254,7 @@ def _generate(args, out: Output) -> int:
         tokenizer.check_vocab(config.vocab_size)
     ids = shared_prompt(args, tokenizer, is_demo)
     check_prompt(ids, args.max_new_tokens, config)
-    demo_defaults = (0.8, 0.95, True) if is_demo else (0.0, 1.0, False)
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    sampling = SamplingParams(
-        temperature=pick(args.temperature, demo_defaults[0]),
-        top_p=pick(args.top_p, demo_defaults[1]),
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-    ignore_eos = pick(args.ignore_eos, demo_defaults[2])
+    sampling, ignore_eos = sampling_of(args, is_demo)
     out.configure(tokenizer, stream=sys.stdout.isatty() if args.stream is None else args.stream)
 
     out.phase = "loading the checkpoint"
@@ -290,6 +281,21 @@ def _generate(args, out: Output) -> int:
     if gen is not None:
         out.finish(gen, load_s=load_s, demo=is_demo)
     return 0
+
+
+def sampling_of(args, is_demo: bool):
+    """(SamplingParams, ignore_eos) from the flags; the demo model's defaults sample."""
+    from grok1.sampling import SamplingParams
+
+    defaults = (0.8, 0.95, True) if is_demo else (0.0, 1.0, False)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    sampling = SamplingParams(
+        temperature=pick(args.temperature, defaults[0]),
+        top_p=pick(args.top_p, defaults[1]),
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    return sampling, pick(args.ignore_eos, defaults[2])
 
 
 def resolve_model(args) -> tuple[str, str | None, bool]:
@@ -423,31 +429,37 @@ class Generated:
 def run_generation(model, ids, max_new_tokens, sampling, ignore_eos, out) -> Generated | None:
     """Generates for one prompt, handing the tokens to `out` as they come. None on the
     processes of a multi-process run that follow process 0."""
-    engine = model.engine
-    if hasattr(engine, "submit"):  # the engine whose scheduler runs in a thread
-        from grok1.engine import Request
+    if hasattr(model.engine, "submit"):  # the engine whose scheduler runs in a thread
+        return _generate_scheduled(model.engine, ids, max_new_tokens, sampling, ignore_eos, out)
+    return _generate_in_one_call(model, ids, max_new_tokens, sampling, ignore_eos, out)
 
-        if not out.primary:
-            out.phase = "following process 0"
-            engine.follow()
-            return None
-        out.phase = "compiling"
-        t0 = time.monotonic()
-        engine.warmup(progress=out.status)
-        compile_s = time.monotonic() - t0
-        out.status(f"compiled in {compile_s:.1f} s")
-        out.phase = "generating"
-        handle = engine.submit(Request(tuple(ids), max_new_tokens, sampling, ignore_eos=ignore_eos))
-        for event in handle:
-            out.add(event.tokens)
-        r = handle.result()
-        if r.finish_reason == "error" and r.error is not None:
-            raise r.error
-        first = None if r.first_token_at is None else r.first_token_at - r.submitted_at
-        return Generated(
-            r.tokens, r.finish_reason, r.finished_at - r.submitted_at, first, compile_s
-        )
-    # the engine without a scheduler thread: compiles inside its first call
+
+def _generate_scheduled(engine, ids, max_new_tokens, sampling, ignore_eos, out):
+    from grok1.engine import Request
+
+    if not out.primary:
+        out.phase = "following process 0"
+        engine.follow()
+        return None
+    out.phase = "compiling"
+    out.status("compiling the prefill and decode programs ...")
+    t0 = time.monotonic()
+    engine.warmup(progress=out.status)
+    compile_s = time.monotonic() - t0
+    out.status(f"compiled in {compile_s:.1f} s")
+    out.phase = "generating"
+    handle = engine.submit(Request(tuple(ids), max_new_tokens, sampling, ignore_eos=ignore_eos))
+    for event in handle:  # the main thread waits here; a signal ends the process meanwhile
+        out.add(event.tokens)
+    r = handle.result()
+    if r.finish_reason == "error" and r.error is not None:
+        raise r.error
+    first = None if r.first_token_at is None else r.first_token_at - r.submitted_at
+    return Generated(r.tokens, r.finish_reason, r.finished_at - r.submitted_at, first, compile_s)
+
+
+def _generate_in_one_call(model, ids, max_new_tokens, sampling, ignore_eos, out):
+    """The engine without a scheduler thread: it compiles inside its first call."""
     out.phase = "compiling and generating"
     out.status("compiling the prefill and decode programs, then generating ...")
     kw = dict(
@@ -483,6 +495,7 @@ class Output:
         self.tokens: list[int] = []
         self._tokenizer = self._decoder = None
         self._streamed = False
+        self._finished = False  # the whole output is printed
 
     def configure(self, tokenizer, stream: bool) -> None:
         self._tokenizer = tokenizer
@@ -534,12 +547,12 @@ class Output:
             else:
                 print(self.text(gen.tokens))
             sys.stdout.flush()
-            self.phase = "finishing"
+            self._finished = True
         self.status(speed_line(gen))
 
     def interrupted(self, signum: int) -> None:
         """Called by the `console.Interrupts` watcher, holding the lock."""
-        if self.primary and not self.json_mode:
+        if self.primary and not self.json_mode and not self._finished:
             if self._streamed:
                 print(self._decoder.flush() if self._decoder is not None else "")
             elif self.tokens:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +66,36 @@ def test_run_py_without_a_checkpoint_prints_demo_text(tmp_path):
     assert "[grok1] 24 tokens in " in proc.stderr
     words = proc.stdout.split()
     assert len(words) >= 5 and sum(w.isalpha() for w in words) >= 3, proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_print_exactly_one_json_object():
+    """Process 0's stdout is the one JSON object (the collective library's connection lines go
+    to stderr), process 1's is empty, and the tokens are the single-process golden ones."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ids = ",".join(map(str, prompts_of(CASE)[0]))
+    flags = ["--checkpoint", case_path(CASE), "--prompt-tokens", ids, "--max-new-tokens", "8",
+             "--ignore-eos", "--json", "--mesh", "data=1,model=2", "--coordinator",
+             f"127.0.0.1:{port}", "--num-processes", "2", "--heartbeat-timeout", "20"]  # fmt: skip
+    # one CPU device per process; unoptimised machine code (compiling is most of the time)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    procs = [
+        subprocess.Popen([sys.executable, RUN_PY, *flags, "--process-id", str(i)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    result = json.loads(outs[0][0])
+    assert result["tokens"] == case_file(CASE, "greedy_runner.npy")[0].tolist()
+    assert outs[1][0] == ""
 
 
 # -- interrupts ---------------------------------------------------------------------------------
@@ -242,6 +273,44 @@ def test_the_closing_line_reports_decode_speed_apart():
     )
     gen.compile_s = 5.0  # compiled beforehand: the first token is prefill alone
     assert "(prefill), then" in cli.speed_line(gen)
+
+
+def test_an_engine_with_a_scheduler_thread_streams_its_events(capsys):
+    """The engine of /work/wt/engine_api.md (submit -> a handle of events, a result with time
+    stamps), imitated: each event's tokens are printed as they come, its warmup is reported, and
+    the closing line takes the result's stamps."""
+    from grok1.sampling import SamplingParams
+
+    ev = lambda tokens, reason=None: types.SimpleNamespace(tokens=tokens, finish_reason=reason)  # noqa: E731
+    stamps = dict(submitted_at=10.0, first_token_at=10.5, finished_at=11.5)
+    result = types.SimpleNamespace(tokens=[5, 6, 7], finish_reason="length", error=None, **stamps)
+
+    class Handle:
+        def __iter__(self):
+            return iter([ev([5, 6]), ev([]), ev([7], "length")])
+
+        def result(self):
+            return result
+
+    class Engine:
+        def warmup(self, progress):
+            progress("compiling the decode program")
+
+        def submit(self, request):
+            self.request = request
+            return Handle()
+
+    out = cli.Output(json_mode=False)
+    out.lock = threading.RLock()
+    out.configure(None, stream=True)
+    model = types.SimpleNamespace(engine=Engine())
+    gen = cli.run_generation(model, [1, 2], 3, SamplingParams(), False, out)
+    captured = capsys.readouterr()
+    assert captured.out == "5 6 7 " and "[grok1] compiling the decode program" in captured.err
+    assert model.engine.request.prompt == (1, 2) and model.engine.request.max_new_tokens == 3
+    assert cli.speed_line(gen) == (
+        "3 tokens: the first after 0.50 s (prefill), then 2 in 1.00 s (2.0 tok/s)"
+    )
 
 
 # -- the dry run ----------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """run.py on a user's mistakes: each ends with one `error:` line naming the problem, a non-zero
 exit status (2 for the command line, 1 for what is found while running) and no traceback.
 
-The runs are separate processes (run.py as a user starts it), several at a time: most of each
-run's time is importing JAX, and every case stops before anything is compiled."""
+Each case runs in its own process as run.py runs it, `cli.main(argv)`, forked by
+tests/cli_forkrun.py after it imported JAX once (importing is most of a failing run's time), a
+few at a time; no case compiles anything. The bad prompt's UTF-8 goes through the decoding and
+the tokenizer before the context check stops it."""
 
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ def bad(tmp_path_factory):
 GOLDEN = ("--checkpoint", case_path(CASE))
 IDS = ("--prompt-tokens", "5,6,7")
 FEW = ("--max-new-tokens", "4")
+BAD_UTF8 = b"caf\xe9 \xff".decode(errors="surrogateescape")  # as Python decodes such argv
+JOB = ("--num-processes", "2")
+UNREACHABLE = ("--coordinator", "127.0.0.1:1", "--process-id", "1", "--init-timeout", "2")
 
 # (flags, exit status, what the error line must say); "{name}" is a path of the `bad` fixture
 CASES = [
@@ -78,20 +83,13 @@ CASES = [
     ((*GOLDEN, *IDS, "--tokenizer", "{not_sentencepiece}"), 1, "not a SentencePiece model"),
     ((*GOLDEN, *IDS, "--tokenizer", "{nowhere}"), 1, "not found"),
     ((*GOLDEN, *IDS, "--tokenizer", DEMO_TOKENIZER), 1, "tokenizer does not match"),
-    (
-        ("--prompt", b"caf\xe9 \xff".decode(errors="surrogateescape"), "--max-new-tokens", "300"),
-        2,
-        "exceed the model's context",
-    ),  # after the UTF-8 warning: the prompt went through
+    (("--prompt", BAD_UTF8, "--max-new-tokens", "300"), 2, "exceed the model's context"),
     ((*GOLDEN, *IDS, "--num-processes", "2"), 2, "distributed flags are incomplete"),
-    (
-        (*GOLDEN, *IDS, "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"),
-        2,
-        "HOST:PORT",
-    ),
+    ((*GOLDEN, *IDS, *JOB, "--coordinator", "nohost", "--process-id", "0"), 2, "HOST:PORT"),
+    ((*GOLDEN, *IDS, *JOB, *UNREACHABLE), 1, "could not reach the coordinator 127.0.0.1:1"),
     ((*GOLDEN, *IDS, "--dtype", "float16"), 2, "--dtype"),
     ((*GOLDEN, *IDS, "--prompt", "x"), 2, "not allowed with argument"),
-]
+]  # fmt: skip
 
 
 def run_all(cases: list[dict]) -> list[dict]:
@@ -131,7 +129,7 @@ def test_every_bad_input_ends_with_one_error_line(bad):
         if not ok:
             failures.append(f"{args}: exit {r['status']}, stderr:\n{r['stderr'][-1500:]}")
     assert not failures, "\n\n".join(failures)
-    utf8 = results[[i for i, c in enumerate(CASES) if "300" in c[0]][0]]["stderr"]
+    utf8 = results[[i for i, c in enumerate(CASES) if BAD_UTF8 in c[0]][0]]["stderr"]
     assert "--prompt is not valid UTF-8 (byte 0xe9 at offset 3)" in utf8
     for r in results[len(CASES) :]:
         assert r["status"] == 1 and "Traceback" in r["stderr"], r["stderr"][-2000:]
