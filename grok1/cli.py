@@ -42,7 +42,15 @@ def main(argv=None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         rest = [a for a in argv[1:] if a != "--debug"]
         return console.run(lambda: _subcommand(argv[0], rest), debug)
-    return console.run(lambda: generate(argv), debug)
+    status = console.run(lambda: generate(argv), debug)
+    distributed = sys.modules.get("grok1.distributed")
+    if status and distributed is not None and distributed.joined():
+        # a failed process of a job leaves without the runtime's shutdown, which would wait for
+        # the other processes (or abort when the coordinator has gone)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _subcommand(name: str, argv: list[str]) -> int | None:

@@ -10,6 +10,7 @@ Exit statuses:
        memory, the distributed job (the exception types of `USER_ERRORS`)
   2    a usage error: a flag, its value or the prompt (`UsageError`, argparse's errors)
   130  interrupted by SIGINT (Ctrl-C);  143  ended by SIGTERM (128 + the signal's number)
+  141  stdout was closed by its reader (a pipe into `head`), silently
 
 A user's mistake prints no traceback unless `--debug` is given or GROK1_DEBUG=1; anything else is
 a bug and prints its traceback, then the `error:` line.
@@ -63,32 +64,39 @@ def run(command: Callable[[], int | None], debug: bool = False) -> int:
             print(f"error: {message}", file=sys.stderr)
             return 1
         return 0 if e.code is None else e.code
+    except BrokenPipeError:  # stdout's reader went away (`run.py | head -1`): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:  # where no `Interrupts` watcher runs (a subcommand)
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except Exception as e:
-        status = user_error_status(e)
+        status, message = classify(e)
         if status is None or debug:
             traceback.print_exc()
-        message = one_line(e)
         if status is None:
             message = f"unexpected {type(e).__name__}: {message} (a bug: the traceback shows where)"
         print(f"error: {message}", file=sys.stderr)
         return 1 if status is None else status
 
 
-def user_error_status(e: BaseException) -> int | None:
-    """The exit status of a user's mistake, None for anything else (a bug)."""
+def classify(e: BaseException) -> tuple[int | None, str]:
+    """(exit status, or None for a bug; the message on one line)."""
+    text = str(e).strip() or type(e).__name__
     for module, name, status in USER_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(e, cls):
-            return status
-    if type(e).__name__ == "JaxRuntimeError" and "RESOURCE_EXHAUSTED" in str(e):
-        return 1  # out of device memory while running
+            return status, one_line(text)
+    if type(e).__name__ == "JaxRuntimeError":  # the runtime's errors while running a program
+        if "RESOURCE_EXHAUSTED" in text:
+            return 1, one_line(f"out of device memory: {text}; use a larger model axis (--mesh)")
+        if "closed by peer" in text or "reset by peer" in text:
+            return 1, one_line(f"another process of the job stopped ({text})")
     if isinstance(e, ValueError) and _raised_in_package(e):
-        return 1  # the library's own argument checks (context, vocabulary, config.json, ...)
-    return None
+        return 1, one_line(text)  # the library's own checks (context, vocabulary, config.json)
+    return None, one_line(text)
 
 
 def _raised_in_package(e: BaseException) -> bool:
@@ -96,15 +104,14 @@ def _raised_in_package(e: BaseException) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR + os.sep)
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(
+        PACKAGE_DIR + os.sep
+    )
 
 
-def one_line(e: BaseException) -> str:
-    """The message of `e` on one line. A message of a few lines (a problem and what to do) is
-    joined; a longer one (another process's output) is printed above and its last line kept."""
-    text = str(e).strip() or type(e).__name__
-    if type(e).__name__ == "JaxRuntimeError":
-        text = f"out of device memory: {text}; use a larger model axis (--mesh) or fewer tokens"
+def one_line(text: str) -> str:
+    """`text` on one line. A text of a few lines (a problem and what to do) is joined; a longer
+    one (another process's output) is printed as it is and its last line kept."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 3:
         print("\n".join(lines[:-1]), file=sys.stderr)
@@ -139,10 +146,13 @@ def clean_stdout():
     try:
         yield
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        sys.stdout.close()
-        sys.stdout = old
+        try:
+            sys.stdout.flush()
+        finally:
+            os.dup2(saved, 1)
+            with contextlib.suppress(OSError):
+                sys.stdout.close()
+            sys.stdout = old
 
 
 class Terminated(KeyboardInterrupt):
