@@ -1,4 +1,4 @@
-"""How a command-line run ends: one `error:` line for a user's mistake, a prompt and clean exit
+"""How a command-line run ends: one `error:` line for a user's mistake, a quick and clean exit
 on Ctrl-C or SIGTERM, and a stdout that holds only what the command prints.
 
     def main(argv=None) -> int:
@@ -236,7 +236,24 @@ class Interrupts:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
+        for pid in children_of(os.getpid()):  # e.g. the dry run's planner, which would go on
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
         os._exit(128 + signum)
+
+
+def children_of(pid: int) -> list[int]:
+    """The ids of `pid`'s child processes (from /proc; none where there is no /proc)."""
+    out = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command name)"
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def _ignore(signum, frame) -> None:

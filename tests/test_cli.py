@@ -188,6 +188,22 @@ def test_sigterm_while_compiling_exits_143_with_nothing_on_stdout():
     assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM) while compiling")
 
 
+def test_sigterm_during_a_dry_run_ends_its_planner_too():
+    from grok1.console import children_of
+
+    run = Running("--checkpoint", case_path(CASE), "--dry-run", "--mesh", "data=1,model=2")
+    run.wait_for("virtual CPU devices", run.err, 120)
+    deadline = time.monotonic() + 30
+    while not (planner := children_of(run.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the planner starts right after the line
+    assert len(planner) == 1
+    assert run.stop(signal.SIGTERM) < 5 and run.proc.returncode == 143
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{planner[0]}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{planner[0]}")
+
+
 # -- in-process -----------------------------------------------------------------------------------
 def test_invalid_utf8_on_stdin_is_replaced_with_one_warning(monkeypatch, capsys):
     from grok1 import demo
