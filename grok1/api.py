@@ -17,7 +17,7 @@ import numpy as np
 
 from grok1 import sharding
 from grok1.cache import CACHE_AXES, KVCache
-from grok1.checkpoint import loader, release
+from grok1.checkpoint import directory, loader
 from grok1.config import ModelConfig
 from grok1.engine import Engine, Request, to_host
 from grok1.model import DTYPES, Grok1, param_table
@@ -276,7 +276,8 @@ def load(
     max_bucket: int = 1024,
     progress=None,
 ) -> Model:
-    """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
+    """Loads a checkpoint directory: the release's `ckpt-0/` or a converted checkpoint's
+    `model.safetensors.index.json` (`grok1-convert`), maybe with `config.json`.
 
     Args:
       path: the directory; `config.json` in it sets the architecture (else the Grok-1 preset).
@@ -298,15 +299,7 @@ def load(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    from grok1.checkpoint import safe_format
-
-    converted = safe_format.is_converted(path)
-    if not converted and not os.path.isdir(os.path.join(path, release.CKPT_SUBDIR)):
-        raise FileNotFoundError(
-            f"no checkpoint at {path!r}: expected a directory holding {release.CKPT_SUBDIR}/ "
-            f"(put the release's ckpt-0/ under checkpoints/, or pass its parent directory)"
-        )
-    config = config or ModelConfig.load(path)
+    config = directory.check(path, config)  # one-line errors naming the path, before any read
     shardings = None
     if expert_parallel and mesh is None:
         raise ValueError("expert_parallel=True needs a mesh (e.g. mesh={'data': 1, 'model': 8})")

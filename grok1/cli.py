@@ -72,14 +72,15 @@ def parse_mesh(text: str | None) -> dict | None:
 
 def resolve_model(args) -> tuple[str, str | None, bool]:
     """(checkpoint dir, tokenizer path or None, is_demo)."""
-    if os.path.isdir(os.path.join(args.checkpoint, "ckpt-0")):
+    from grok1.checkpoint import directory
+
+    if args.checkpoint != DEFAULT_CHECKPOINT or directory.is_checkpoint(args.checkpoint):
+        try:
+            directory.find_format(args.checkpoint)  # release ckpt-0/ or converted safetensors
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
         tok = args.tokenizer or (DEFAULT_TOKENIZER if os.path.exists(DEFAULT_TOKENIZER) else None)
         return args.checkpoint, tok, False
-    if args.checkpoint != DEFAULT_CHECKPOINT:
-        raise SystemExit(
-            f"error: no checkpoint at {args.checkpoint!r}: expected {args.checkpoint}/ckpt-0/ "
-            "(the release's tensorNNNNN_000 files)"
-        )
     from grok1 import demo
 
     return demo.demo_path(), args.tokenizer or demo.tokenizer_path(), True
