@@ -43,6 +43,22 @@ def test_formats_are_told_apart(tmp_path):
     assert directory.is_checkpoint(CASE) and not directory.is_checkpoint(tmp_path)
 
 
+def test_load_and_run_py_read_a_converted_checkpoint(tmp_path):
+    import argparse
+
+    from grok1 import cli
+
+    converted = sf.convert(CASE, tmp_path / "st")
+    args = argparse.Namespace(checkpoint=converted, tokenizer=None)
+    assert cli.resolve_model(args)[::2] == (converted, False)
+    a, b = grok1.load(CASE).params, grok1.load(converted).params
+    assert a.keys() == b.keys()
+    for module, leaves in a.items():
+        for leaf, value in leaves.items():
+            x, y = np.asarray(value), np.asarray(b[module][leaf])
+            assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
+
+
 def test_missing_directory(tmp_path):
     message = load_error(tmp_path / "nope", FileNotFoundError)
     assert "no such directory" in message

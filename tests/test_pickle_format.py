@@ -521,9 +521,9 @@ def test_truncated_file_says_its_size_and_the_size_it_needs(tmp_path):
     big = tmp_path / "big"  # payloads over 64 KiB are written outside pickle frames
     write_tensor(big, rng_quantized(np.random.default_rng(7), (256, 512), 8))
     golden = os.path.join(CASES[0], "ckpt-0", "tensor00005_000")  # small: one frame
-    weight = open_tensor(big).layout("weight")
+    weight, frame = open_tensor(big).layout("weight"), os.path.getsize(golden) - 11
     cuts = {
-        (golden, os.path.getsize(golden) // 2): f"(a {os.path.getsize(golden) - 11}-byte frame at byte 11)",
+        (golden, os.path.getsize(golden) // 2): f"(a {frame}-byte frame at byte 11)",
         (big, weight.offset + 10): (
             f"needs at least {weight.offset + weight.nbytes} (a {weight.nbytes}-byte payload "
             f"at byte {weight.offset})"
