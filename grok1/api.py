@@ -16,7 +16,7 @@ import numpy as np
 
 from grok1 import compile_cache, sharding
 from grok1.cache import CACHE_AXES, KVCache
-from grok1.checkpoint import loader, release
+from grok1.checkpoint import directory, loader
 from grok1.config import ModelConfig
 from grok1.engine import Engine, EngineDead, Request, bucket, run_all, to_host
 from grok1.model import Grok1, param_table
@@ -309,7 +309,8 @@ def load(
     cpu_kernels: bool | None = None,
     progress=None,
 ) -> Model:
-    """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
+    """Loads a checkpoint directory: the release's `ckpt-0/` or a converted checkpoint's
+    `model.safetensors.index.json` (`grok1-convert`), maybe with `config.json`.
 
     Args:
       path: the directory; `config.json` in it sets the architecture (else the Grok-1 preset).
@@ -342,16 +343,8 @@ def load(
     if moe_strategy not in STRATEGIES:
         raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got {moe_strategy!r}")
     Numerics(dtype, rounding)  # checks both before any file is read
+    config = directory.check(path, config)  # one-line errors naming the path, before any read
     compile_cache.enable(compilation_cache)
-    from grok1.checkpoint import safe_format
-
-    converted = safe_format.is_converted(path)
-    if not converted and not os.path.isdir(os.path.join(path, release.CKPT_SUBDIR)):
-        raise FileNotFoundError(
-            f"no checkpoint at {path!r}: expected a directory holding {release.CKPT_SUBDIR}/ "
-            f"(put the release's ckpt-0/ under checkpoints/, or pass its parent directory)"
-        )
-    config = config or ModelConfig.load(path)
     shardings = None
     if expert_parallel and mesh is None:
         raise ValueError("expert_parallel=True needs a mesh (e.g. mesh={'data': 1, 'model': 8})")

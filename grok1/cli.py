@@ -276,6 +276,7 @@ def _generate(args, out: Output) -> int:
         dtype=args.dtype,
         rounding=args.rounding,
         tokenizer=tokenizer,
+        max_slots=1,  # one prompt: one row of KV cache
         progress=sys.stderr.isatty() and out.primary,
     )
     load_s = time.monotonic() - t0
@@ -283,9 +284,7 @@ def _generate(args, out: Output) -> int:
     try:
         gen = run_generation(model, ids, args.max_new_tokens, sampling, ignore_eos, out)
     finally:
-        close = getattr(model.engine, "close", None)  # the scheduler engine's thread
-        if close is not None:
-            close()
+        model.engine.close()  # on process 0, this also releases the processes that follow
     if gen is not None:
         out.finish(gen, load_s=load_s, demo=is_demo)
     return 0
@@ -437,14 +436,9 @@ class Generated:
 def run_generation(model, ids, max_new_tokens, sampling, ignore_eos, out) -> Generated | None:
     """Generates for one prompt, handing the tokens to `out` as they come. None on the
     processes of a multi-process run that follow process 0."""
-    if hasattr(model.engine, "submit"):  # the engine whose scheduler runs in a thread
-        return _generate_scheduled(model.engine, ids, max_new_tokens, sampling, ignore_eos, out)
-    return _generate_in_one_call(model, ids, max_new_tokens, sampling, ignore_eos, out)
-
-
-def _generate_scheduled(engine, ids, max_new_tokens, sampling, ignore_eos, out):
     from grok1.engine import Request
 
+    engine = model.engine
     if not out.primary:
         out.phase = "following process 0"
         engine.follow()
@@ -452,7 +446,7 @@ def _generate_scheduled(engine, ids, max_new_tokens, sampling, ignore_eos, out):
     out.phase = "compiling"
     out.status("compiling the prefill and decode programs ...")
     t0 = time.monotonic()
-    engine.warmup(progress=out.status)
+    engine.warmup(progress=out.status, prompt_len=len(ids), max_len=len(ids) + max_new_tokens)
     compile_s = time.monotonic() - t0
     out.status(f"compiled in {compile_s:.1f} s")
     out.phase = "generating"
@@ -464,30 +458,6 @@ def _generate_scheduled(engine, ids, max_new_tokens, sampling, ignore_eos, out):
         raise r.error
     first = None if r.first_token_at is None else r.first_token_at - r.submitted_at
     return Generated(r.tokens, r.finish_reason, r.finished_at - r.submitted_at, first, compile_s)
-
-
-def _generate_in_one_call(model, ids, max_new_tokens, sampling, ignore_eos, out):
-    """The engine without a scheduler thread: it compiles inside its first call."""
-    out.phase = "compiling and generating"
-    out.status("compiling the prefill and decode programs, then generating ...")
-    kw = dict(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        seed=sampling.seed,
-        ignore_eos=ignore_eos,
-    )
-    t0 = time.monotonic()
-    if out.stream:
-        first = None
-        for token in model.stream(ids, max_new_tokens, **kw):
-            first = first or time.monotonic() - t0
-            out.phase = "generating"
-            out.add([token])
-        return Generated(list(out.tokens), None, time.monotonic() - t0, first)
-    result = model.generate([ids], max_new_tokens, return_results=True, **kw)[0]
-    out.add(result.tokens)
-    return Generated(result.tokens, result.finish_reason, time.monotonic() - t0)
 
 
 class Output:

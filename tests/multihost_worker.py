@@ -59,19 +59,19 @@ def main() -> int:
     import jax
 
     import grok1
-    from grok1.checkpoint import npy_format
+    from grok1.checkpoint import pickle_reader
 
     read_bytes = [0]
-    original = npy_format.TensorFile.read_part
+    original = pickle_reader.PickleTensor.read_part
 
     def counting(self, part, index=None):
         out = original(self, part, index)
         read_bytes[0] += out.nbytes
         return out
 
-    npy_format.TensorFile.read_part = counting
+    pickle_reader.PickleTensor.read_part = counting
     model = grok1.load(args.ckpt, mesh=parse_mesh(args.mesh, args.num_processes))
-    npy_format.TensorFile.read_part = original
+    pickle_reader.PickleTensor.read_part = original
 
     prompts = None
     if distributed.is_primary():

@@ -91,10 +91,10 @@ def test_grok1_preset_has_the_770_release_parameters():
         layer, suffix = release.parse_release_path(path)
         shape = release.release_shape(config, path)
         if layer is None:
-            module, leaf = loader.GLOBALS[path]
+            module, leaf = release.GLOBALS[path]
             assert ours[(module, leaf)][0] == shape
         else:
-            module, leaf, _ = loader.MODULES[suffix]
+            module, leaf, _ = release.MODULES[suffix]
             assert ours[(module, leaf)][0] == (64, *shape)
         n += int(np.prod(shape))
     assert n == config.num_params()
