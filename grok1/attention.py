@@ -25,37 +25,36 @@ def attend(
 ) -> jax.Array:  # fmt: skip
     """Capped softmax attention. Rounds where the release rounds (SPEC.md §2).
 
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh], or None with `cached` (the products read one layer of
-    the stacked cache in the native kernel); mask: [B, T, S] bool (True = may attend).
-    Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh], or None with `cached` (the native kernels compute
+    the whole attention over one layer of the stacked cache); mask: [B, T, S] bool (True = may
+    attend). Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
     """
     b, t, h, dh = q.shape
     kv = config.num_kv_heads
     dtype = q.dtype
+    if cached is not None:
+        return cached.attend(q, mask, config).astype(dtype)
     widen = numerics.dots_in_f32()
     q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    if cached is None:
-        s = layers.dot("btkgd,bksd->bkgts", q, k, dtype, widen)  # [B, K, G, T, S]
-    else:
-        s = cached.scores(q).astype(dtype)
+    s = layers.dot("btkgd,bksd->bkgts", q, k, dtype, widen)  # [B, K, G, T, S]
     s = s.astype(layers.F32) * jnp.float32(config.attn_output_multiplier)
     cap = jnp.float32(config.attn_logit_cap)
     s = cap * jnp.tanh(s / cap)
     s = jnp.where(mask[:, None, None, :, :], s, MASKED_LOGIT)
     p = layers.softmax(s, numerics).astype(dtype)
-    if cached is None:
-        o = layers.dot("bkgts,bksd->btkgd", p, v, dtype, widen)  # [B, T, K, G, Dh]
-    else:
-        o = cached.values(p).astype(dtype)
+    o = layers.dot("bkgts,bksd->btkgd", p, v, dtype, widen)  # [B, T, K, G, Dh]
     return o.reshape(b, t, h * dh)
 
 
 @dataclasses.dataclass(frozen=True)
 class CachedLayer:
-    """Attention's two products over one layer of the stacked cache, in the native CPU kernel
-    (`grok1.kernels.attend_scores` / `attend_values`), which reads the cache in place (bf16 as
-    its bits, or float32) instead of slicing, widening and transposing the layer first. The
-    values equal `layers.dot`'s up to float32 summation order.
+    """Attention over one layer of the stacked cache in the native CPU kernels: the scores and
+    the weighted values read the cache in place (bf16 as its bits, or float32) instead of
+    slicing, widening and transposing the layer first (`kernels.attend_scores` /
+    `attend_values`), and the probabilities between them are computed whole
+    (`kernels.attend_probs`), each row in a fixed order: a query's result depends on its own
+    keys only (batch invariance). The values equal XLA's up to float32 summation order and the
+    last bit of tanh and exp.
 
     Attributes: k_cache, v_cache: [L, Bc, K, Sc, Dh] uint16 or float32; layer: scalar; kv_len:
     static; rows: [B] the cache row of each batch row.
@@ -67,19 +66,20 @@ class CachedLayer:
     kv_len: int
     rows: jax.Array
 
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, T, K, G, Dh] -> float32 scores [B, K, G, T, S]."""
-        b, t, kv, g, dh = q.shape
-        q_rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, dh)
+    def attend(self, q: jax.Array, mask: jax.Array, config: ModelConfig) -> jax.Array:
+        """q [B, T, H, Dh] in the compute dtype, mask [B, T, S] -> float32 [B, T, H * Dh]."""
+        b, t, h, dh = q.shape
+        kv = config.num_kv_heads
+        # rows of one KV head's group: query token t, head g -> row t * G + g
+        q_rows = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, dh)
         s = kernels.attend_scores(q_rows, self.k_cache, self.layer, self.kv_len, self.rows)
-        return s.reshape(b, kv, t, g, self.kv_len).transpose(0, 1, 3, 2, 4)
-
-    def values(self, p: jax.Array) -> jax.Array:
-        """p [B, K, G, T, S] -> float32 outputs [B, T, K, G, Dh]."""
-        b, kv, g, t, s = p.shape
-        p_rows = p.transpose(0, 1, 3, 2, 4).reshape(b, kv, t * g, s)
-        o = kernels.attend_values(p_rows, self.v_cache, self.layer, self.rows)
-        return o.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4)
+        rounded = q.dtype == jnp.bfloat16
+        p = kernels.attend_probs(s, mask, config.attn_output_multiplier, config.attn_logit_cap,
+                                 rounded)  # fmt: skip
+        o = kernels.attend_values(p, self.v_cache, self.layer, self.rows)  # [B, K, T * G, Dh]
+        if rounded:
+            o = o.astype(jnp.bfloat16)
+        return o.reshape(b, kv, t, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
 def write_cache(

@@ -29,7 +29,14 @@ def row_sum(x: jax.Array, numerics: Numerics) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, numerics: Numerics, dtype=None):
-    """`scale * x / rms(x)` computed in float32 and cast to `dtype` (default: x's). x: [..., D]."""
+    """`scale * x / rms(x)` computed in float32 and cast to `dtype` (default: x's). x: [..., D].
+
+    With the kernels (batch invariance) it runs whole in the native kernel: XLA:CPU contracts a
+    multiply into the addition that consumes it (a fused multiply-add) only where it fuses the
+    two, which depends on the shapes of the whole program, so the residual add that reads a
+    norm's output must get it as written."""
+    if numerics.kernels:
+        return kernels.rms_norm(x, scale, eps).astype(dtype or x.dtype)
     xf = x.astype(F32)
     mean = (row_sum(jnp.square(xf), numerics) / jnp.float32(x.shape[-1]))[..., None]
     y = xf * jax.lax.rsqrt(mean + eps)
@@ -37,10 +44,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, numerics: Numerics, dty
 
 
 def softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
-    """Softmax over the last axis in float32, `exp(x - max) / sum`, the sum by `row_sum`."""
+    """Softmax over the last axis in float32, `exp(x - max) / sum`: whole in the native kernel
+    (a fixed order per row) when the kernels are in use."""
+    if numerics.kernels:
+        return kernels.softmax(x)
     x = x.astype(F32)
     e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
-    return e / row_sum(e, numerics)[..., None]
+    return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
 def log_softmax(x: jax.Array, numerics: Numerics) -> jax.Array:

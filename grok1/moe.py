@@ -66,13 +66,18 @@ def expert_hidden(u: jax.Array, g: jax.Array) -> jax.Array:
     return u.astype(F32) * jax.nn.gelu(g.astype(F32), approximate=True)
 
 
-def combine(o: jax.Array, gates: jax.Array) -> jax.Array:
+def combine(o: jax.Array, gates: jax.Array, numerics: Numerics) -> jax.Array:
     """o: [N, k, D] f32 expert outputs; gates: [N, k]. Returns [N, D] bf16: the gated outputs
-    added in slot order, elementwise (one order whatever the batch)."""
+    added in slot order. With the kernels the k gated outputs reach the sum rounded, as written
+    (`layers.row_sum`): where XLA:CPU fuses a product into the sum that reads it, it contracts
+    the two into a fused multiply-add, and whether it fuses depends on the program's shapes."""
     w = gates.astype(BF16).astype(F32)
-    total = o[:, 0] * w[:, 0, None]
+    gated = o * w[:, :, None]  # [N, k, D]
+    if numerics.kernels:
+        return layers.row_sum(jnp.swapaxes(gated, 1, 2), numerics).astype(BF16)
+    total = gated[:, 0]
     for j in range(1, o.shape[1]):
-        total = total + o[:, j] * w[:, j, None]
+        total = total + gated[:, j]
     return total.astype(BF16)
 
 
@@ -286,7 +291,7 @@ class MoE(hk.Module):
         if stacked is not None and all(name in stacked.leaves for name in MATRICES):
             rounded = weight_rounding(stacked.leaves, z.dtype, self.numerics)
             o = experts_kernel(flat, idx, stacked, z.dtype, rounded)
-            return combine(o, gates).reshape(b, t, d)
+            return combine(o, gates, self.numerics).reshape(b, t, d)
         shapes = {"gate": (d, f), "up": (d, f), "down": (f, d)}
         raw = {
             name: layers.Matrix(*shapes[name], self.formats[name], lead=(e,), name=name).params()
@@ -307,4 +312,4 @@ class MoE(hk.Module):
         if strategy == "dense":
             return experts_dense(flat, idx, gates, *args)
         fn = experts_gather if strategy == "gather" else experts_grouped
-        return combine(fn(flat, idx, *args), gates)
+        return combine(fn(flat, idx, *args), gates, self.numerics)
