@@ -19,9 +19,8 @@ CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 def storage_dtype(dtype):
     """How keys and values of the activation dtype are stored: bf16 as its uint16 bits.
 
-    XLA:CPU scatters into a bf16 array by widening the whole array to float32 and back (a few
-    ms per write for a small cache); into uint16 it writes in place. `grok1.attention` converts
-    on write and read (bitcasts, exact).
+    XLA:CPU scatters into a bf16 array by widening the whole array to float32 and back; into
+    uint16 it writes in place. `grok1.attention` converts on write and read (bitcasts, exact).
     """
     return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
