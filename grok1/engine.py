@@ -105,6 +105,7 @@ class _Job:
 
 
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
+_NUMBERS = itertools.count()  # names each engine's channel to the other processes
 
 
 @atexit.register
@@ -167,6 +168,7 @@ class Engine:
         self._closed = False
         self._channel = None
         self._device = None  # (cache, decode state, sampling params), made on first use
+        self._number = next(_NUMBERS)
         self._jobs: dict[int, _Job] = {}
         self._waiting: deque[_Job] = deque()
         self._slots: list[_Job | None] = [None] * self.max_slots
@@ -300,10 +302,10 @@ class Engine:
     # -- the scheduler -------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            if jax.process_count() > 1:
+            if jax.process_count() > 1:  # every process makes its engines in the same order
                 from grok1.distributed import Channel
 
-                self._channel = Channel("grok1/engine")
+                self._channel = Channel(f"grok1/engine{self._number}")
             while True:
                 messages, local = self._intake()
                 if not self._apply(messages, local):
