@@ -1,5 +1,6 @@
 """Tests of checkpoint loading: release and converted (safetensors) formats, the layer-by-layer
-path, sharded reads on a simulated 8-device mesh, errors, and progress.
+path, sharded reads on a simulated 8-device mesh, errors, the one pass (one parameter table, the
+memory checked before any read, no planner), and progress.
 
 References are independent of the loader: the release files read whole with `read_checkpoint`
 and stacked in NumPy here, and a single-device load for the sharded runs.
