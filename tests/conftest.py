@@ -1,12 +1,23 @@
-"""Shared fixtures: the golden cases made by the release code (tests/data/golden, SPEC.md §8)."""
+"""Shared fixtures: the golden cases made by the release code (tests/data/golden, SPEC.md §8),
+models loaded once per test run, and the settings every test runs under.
+
+Settings, for this process and the processes the tests start (run.py, multi-process runs): JAX
+raises on implicit rank promotion (an operation between arrays of different ranks must say how
+they broadcast).
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 
-import numpy as np
-import pytest
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = sorted(d for d in os.listdir(GOLDEN_DIR) if os.path.isdir(os.path.join(GOLDEN_DIR, d)))

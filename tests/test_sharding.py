@@ -89,14 +89,37 @@ def test_mesh_that_does_not_divide_heads_is_a_clear_error():
 
 
 def test_expert_parallel_needs_a_mesh_and_splits_experts_whole():
+    """Expert parallelism moves the model axis of the experts' matrices (and scales) from F to
+    E; every other parameter is placed as without it."""
+    from jax.sharding import AbstractMesh
+
     import grok1
     from grok1 import sharding
+    from grok1.config import ModelConfig
+    from grok1.model import MOE, WeightFormats, param_table
 
     with pytest.raises(ValueError, match="needs a mesh"):
         grok1.load(case_path(CASE), expert_parallel=True)
-    assert sharding.EXPERT_PARALLEL_RULES["experts"] == "model"
-    assert sharding.EXPERT_PARALLEL_RULES["ffn"] is None
-    assert sharding.RULES["experts"] is None and sharding.RULES["ffn"] == "model"
+    config = ModelConfig.load(case_path(CASE))
+    table = param_table(config, WeightFormats.release(config))
+    mesh = AbstractMesh((2, 4), ("data", "model"))
+    plain = sharding.table_shardings(table, config, mesh, sharding.RULES)
+    experts = sharding.table_shardings(table, config, mesh, sharding.EXPERT_PARALLEL_RULES)
+    f_split = {  # [L, E, in, out] and scales [L, E, groups, out]: F split, or (down) whole
+        (f"{MOE}/gate", "w"): (None, None, None, "model"),
+        (f"{MOE}/gate", "scales"): (None, None, None, "model"),
+        (f"{MOE}/up", "w"): (None, None, None, "model"),
+        (f"{MOE}/up", "scales"): (None, None, None, "model"),
+        (f"{MOE}/down", "w"): (None, None, "model", None),
+        (f"{MOE}/down", "scales"): (None, None, None, None),
+    }
+    for key in table:
+        spec, ep_spec = tuple(plain[key].spec), tuple(experts[key].spec)
+        if key in f_split:
+            assert (spec, ep_spec) == (f_split[key], (None, "model", None, None)), key
+        else:
+            assert ep_spec == spec, key
+    assert set(f_split) <= set(table)
 
 
 EMBED_SCRIPT = """
