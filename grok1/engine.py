@@ -25,6 +25,27 @@ from grok1.cache import KVCache, insert_row
 from grok1.model import Grok1
 
 MIN_BUCKET = 16
+MAX_LOGPROBS = 20  # largest SamplingParams.logprobs the engine serves (engine_api.md)
+
+
+# The online engine's errors (engine_api.md), declared here ahead of the engine itself so that the
+# server can be written against them; main's engine.py replaces this block.
+class EngineError(RuntimeError):
+    pass
+
+
+class RequestError(EngineError, ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(EngineError):
+    pass
+
+
+class EngineDead(EngineError):
+    pass
 
 
 def to_host(x) -> np.ndarray:
@@ -63,6 +84,7 @@ class Request:
     stop_ids: tuple = ()
     stop_strings: tuple = ()
     ignore_eos: bool = False
+    prompt_logprobs: bool = False
 
 
 @dataclasses.dataclass
