@@ -14,7 +14,6 @@ import uuid
 
 import jinja2
 import jinja2.sandbox
-from starlette.responses import StreamingResponse
 
 from grok1.serve import generation
 from grok1.serve.bridge import EngineRun, check_finished
@@ -89,7 +88,7 @@ async def create(state, body: dict, receive):
     await run.submit(requests)
     out = _Formatter(req, state.served_model_name, generation.TokenTexts(tok))
     if req.stream:
-        return StreamingResponse(out.stream(run, receive), media_type="text/event-stream")
+        return generation.EventStream(out.stream(run, receive))
     async for _ in run.events(receive):
         pass
     check_finished(choices)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 import uuid
 
-from starlette.responses import StreamingResponse
-
 from grok1.serve import generation
 from grok1.serve.bridge import EngineRun, check_finished
 from grok1.serve.protocol import CompletionRequest, bad_request, validate
@@ -41,7 +39,7 @@ async def create(state, body: dict, receive):
     await run.submit(requests)
     out = _Formatter(req, state.served_model_name, generation.TokenTexts(tok))
     if req.stream:
-        return StreamingResponse(out.stream(run, receive), media_type="text/event-stream")
+        return generation.EventStream(out.stream(run, receive))
     async for _ in run.events(receive):
         pass
     check_finished(choices)

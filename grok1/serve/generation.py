@@ -230,6 +230,20 @@ class JSONResponse(starlette.responses.JSONResponse):
         return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+class EventStream(starlette.responses.StreamingResponse):
+    """Server-sent events whose generator is closed as soon as the response ends, also when the
+    client went away mid-stream (its engine requests are then cancelled and counted at once)."""
+
+    def __init__(self, events):
+        super().__init__(events, media_type="text/event-stream")
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def sse(obj: dict) -> str:
     """One server-sent event."""
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
