@@ -156,9 +156,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 250, "stream": True,
             "ignore_eos": True, "temperature": 0}  # fmt: skip
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break
+        lines = r.iter_lines()  # kept open: closing the iterator would close the connection
+        while not next(lines).startswith("data: {"):
+            pass
         assert _metric(server, "grok1_busy_slots") == 1
     deadline = time.monotonic() + 10
     while _metric(server, "grok1_busy_slots") and time.monotonic() < deadline:
