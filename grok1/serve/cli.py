@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -217,6 +218,10 @@ def serve(args, plan: dict, multi: bool) -> int:
         name="grok1-load",
     )
     starter.start()
+    # uvicorn handles SIGINT/SIGTERM while it runs and re-raises them to the handlers found
+    # before it; these only note them, so that the engine is closed (followers return) below
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     model = outcome.get("model")
     if model is not None:
