@@ -373,7 +373,7 @@ class Engine:
             stops.add(self.config.eos_token)
         text = None
         if self.tokenizer is not None:
-            text = TextTracker(self.tokenizer, request.stop_strings)
+            text = TextTracker(self.tokenizer, request.stop_strings, request.prompt)
         return _Job(job_id, request, handle, frozenset(stops), text)
 
     def _admit(self) -> None:
