@@ -295,7 +295,7 @@ INVALID = [  # (body, status, param or code)
     ({"prompt": "x", "seed": -1}, 400, "seed"),
     ({"prompt": "x", "echo": "yes"}, 400, "echo"),
     ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"prompt": [1] * 250, "max_tokens": 10}, 400, "max_new_tokens"),  # 260 > context 256
+    ({"prompt": [1] * 250, "max_tokens": 10}, 400, "max_tokens"),  # 260 > context 256
     ({"prompt": "x", "model": "gpt-4"}, 404, "model_not_found"),
     ({"prompt": "x", "n": 100}, 400, "n"),  # 100 sequences > the queue's 16
 ]

@@ -101,11 +101,5 @@ def check_finished(choices) -> None:
         if choice.finish_reason == "cancelled":
             raise unavailable("the request was cancelled: the server is shutting down", "shutdown")
         if choice.finish_reason == "error":
-            error = choice.error
-            detail = f": {type(error).__name__}: {error}" if error is not None else ""
-            raise APIError(
-                500,
-                f"the engine failed on this request{detail}",
-                type="internal_error",
-                code="engine_error",
-            )
+            raise APIError(500, "the engine failed on this request (its error is in the server's "
+                           "log)", type="internal_error", code="engine_error")  # fmt: skip

@@ -76,13 +76,9 @@ async def create(state, body: dict, receive):
     k = (req.top_logprobs or 0) if req.logprobs else None
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     requests, choices = generation.make_choices(
-        req,
-        [generation.encode(tok, text)],
-        tokenizer=tok,
-        logprobs=k,
-        prompt_logprobs=False,
-        max_tokens=generation.DEFAULT_MAX_TOKENS if limit is None else limit,
-    )
+        req, [generation.encode(tok, text)], tokenizer=tok, logprobs=k, prompt_logprobs=False,
+        include_stop=False, max_tokens=generation.DEFAULT_MAX_TOKENS if limit is None else limit,
+    )  # fmt: skip
     state.check_capacity(len(requests))
     run = EngineRun(state.engine, choices, state.metrics)
     await run.submit(requests)

@@ -161,15 +161,16 @@ def model_plan(args) -> dict:
     return {"path": path, "is_demo": is_demo, "load": kw, "name": name, "template": template}
 
 
-def load(plan: dict, say) -> object:
+def load(plan: dict, say, warm_up: bool = True) -> object:
     import grok1
 
     if plan["is_demo"]:
         say("no checkpoint under checkpoints/: serving the small embedded demo model")
     t0 = time.monotonic()
     model = grok1.load(plan["path"], **plan["load"])
-    say(f"loaded in {time.monotonic() - t0:.1f} s; warming up")
-    model.engine.warmup(progress=lambda what: say(f"warm-up: {what}"))
+    if warm_up:
+        say(f"loaded in {time.monotonic() - t0:.1f} s; warming up")
+        model.engine.warmup(progress=lambda what: say(f"warm-up: {what}"))
     return model
 
 
@@ -181,7 +182,7 @@ def follow(args, plan) -> int:
     """Processes other than 0: run the steps process 0 decides until it closes its engine."""
     import jax
 
-    model = load(plan, lambda m: None)
+    model = load(plan, lambda m: None, warm_up=False)  # process 0's warm-up runs here too
     say(f"process {jax.process_index()}: following process 0")
     model.engine.follow()
     return 0

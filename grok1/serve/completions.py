@@ -26,14 +26,11 @@ async def create(state, body: dict, receive):
     tok = state.tokenizer
     prompts = [generation.encode(tok, p) for p in req.prompt]
     max_tokens = generation.DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    scoring = req.echo and req.logprobs is not None
     requests, choices = generation.make_choices(
-        req,
-        prompts,
-        max_tokens=max_tokens,
-        logprobs=req.logprobs,
-        prompt_logprobs=req.echo and req.logprobs is not None,
-        tokenizer=tok,
-    )
+        req, prompts, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=scoring,
+        include_stop=scoring, tokenizer=tok,
+    )  # fmt: skip
     state.check_capacity(len(requests))
     run = EngineRun(state.engine, choices, state.metrics)
     await run.submit(requests)

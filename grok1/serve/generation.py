@@ -13,7 +13,7 @@ import secrets
 
 import starlette.responses
 
-from grok1.engine import MAX_LOGPROBS, Request
+from grok1.requests import MAX_LOGPROBS, Request
 from grok1.sampling import SamplingParams
 from grok1.serve.protocol import APIError, Sampling, bad_request
 
@@ -39,27 +39,23 @@ def encode(tokenizer, prompt) -> tuple[list[int], str | None]:
     return list(prompt), tokenizer.decode(prompt)
 
 
-def make_choices(
-    req: Sampling,
-    prompts: list[tuple[list[int], str | None]],
-    *,
-    max_tokens: int,
-    logprobs: int | None,
-    prompt_logprobs: bool,
-    tokenizer,
-) -> tuple[list[Request], list[Choice]]:
-    """One engine request and one `Choice` per (prompt, choice), prompt-major."""
+def make_choices(req: Sampling, prompts: list[tuple[list[int], str | None]], *, max_tokens: int,
+                 logprobs: int | None, prompt_logprobs: bool, include_stop: bool, tokenizer
+                 ) -> tuple[list[Request], list[Choice]]:  # fmt: skip
+    """One engine request and one `Choice` per (prompt, choice), prompt-major.
+
+    `include_stop`: the stop id that ends a request (EOS included) is returned with its
+    log-probability like any token (never in the text), so that with `echo` and `logprobs` the
+    arrays hold every prompt token plus every generated one, as lm-evaluation-harness reads them.
+    """
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise bad_request(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}", "logprobs")
-    eos_id = None if tokenizer is None else tokenizer.eos_id
     if req.stop and tokenizer is None:
-        raise bad_request(
-            "stop strings need a tokenizer; this model has none: use stop_token_ids", "stop"
-        )
+        raise bad_request("stop strings need a tokenizer; this model has none: use "
+                          "stop_token_ids", "stop")  # fmt: skip
     seed = secrets.randbelow(2**63) if req.seed is None else req.seed
     if seed + req.n - 1 >= 2**64:
         raise bad_request("seed + n - 1 must be below 2**64 (choice i uses seed + i)", "seed")
-    keep_eos = keeps_eos(max_tokens, logprobs, eos_id, req.ignore_eos)
     requests, choices = [], []
     for ids, text in prompts:
         for i in range(req.n):
@@ -75,26 +71,15 @@ def make_choices(
                 )
             except ValueError as e:
                 raise bad_request(str(e)) from None
-            requests.append(
-                Request(
-                    tuple(ids),
-                    max_tokens,
-                    sampling,
-                    stop_ids=tuple(req.stop_token_ids or ()),
-                    stop_strings=req.stop_strings(),
-                    ignore_eos=req.ignore_eos or keep_eos,
-                    prompt_logprobs=prompt_logprobs,
-                )
-            )
-            choices.append(Choice(len(choices), i, ids, text, keep_eos, eos_id))
+            requests.append(Request(
+                tuple(ids), max_tokens, sampling, stop_ids=tuple(req.stop_token_ids or ()),
+                stop_strings=req.stop_strings(), ignore_eos=req.ignore_eos,
+                # with nothing to generate the engine still needs a reason to prefill
+                prompt_logprobs=prompt_logprobs or max_tokens == 0,
+                include_stop_token=include_stop,
+            ))  # fmt: skip
+            choices.append(Choice(len(choices), i, ids, text))
     return requests, choices
-
-
-def keeps_eos(max_tokens: int, logprobs: int | None, eos_id: int | None, ignore_eos: bool) -> bool:
-    """With log-probabilities and max_tokens 1, the one token is returned even when it is EOS
-    (lm-evaluation-harness reads the arrays as every prompt token plus one): the engine is told
-    to ignore EOS and the server reports finish_reason "stop" when the token is EOS."""
-    return max_tokens == 1 and logprobs is not None and eos_id is not None and not ignore_eos
 
 
 @dataclasses.dataclass
@@ -105,8 +90,6 @@ class Choice:
     sample: int  # i of the prompt's n choices (the seed is seed + i)
     prompt: list[int]
     prompt_text: str | None
-    keep_eos: bool = False
-    eos_id: int | None = None
     tokens: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
     top: list = dataclasses.field(default_factory=list)
@@ -117,7 +100,6 @@ class Choice:
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
-    error: BaseException | None = None
 
     def add(self, event, at: float) -> None:
         if event.prompt_logprobs is not None:
@@ -132,9 +114,6 @@ class Choice:
         if event.finish_reason is not None:
             self.finished_at = at
             self.finish_reason = event.finish_reason
-            self.error = getattr(event, "error", None)
-            if self.keep_eos and self.tokens and self.tokens[-1] == self.eos_id:
-                self.finish_reason = "stop"
 
 
 class TokenTexts:
