@@ -13,11 +13,13 @@ under `--workdir`; `--config demo` the embedded demo model.
 Requests: `--requests` prompts of `--prompt` random token ids, each asking `--max-tokens` tokens
 (EOS ignored, greedy unless `--temperature`), streamed, sent by `--concurrency` clients (or at a
 Poisson `--rate`). Per request: TTFT (submit to first streamed token) and TPOT (time between its
-later tokens); overall output tokens/s from the first submit to the last token. Before the
-load, one request alone gives the single-request TTFT and TPOT, from which the bound "one
-prefill plus two decode horizons" is computed. Then, with the server stopped, the same model is
-loaded here and `Model.generate` runs the same requests (`--max-slots` rows at a time; a first
-call compiles and is not timed). Prints a table and writes everything to `--json`.
+later tokens); overall output tokens/s from the first submit to the last token. First come
+`--warmup-rounds` untimed passes of the same requests (programs the engine compiles at first
+use; the offline run's first call is not timed either), then one request alone, whose TTFT and
+TPOT give the bound "one prefill plus two decode horizons", then the timed load. Then, with the
+server stopped, the same model is loaded here and `Model.generate` runs the same requests
+(`--max-slots` rows at a time; a first call compiles and is not timed). Prints a table and
+writes everything to `--json`.
 """
 
 from __future__ import annotations
@@ -52,8 +54,20 @@ def parse_args(argv=None):
     ap.add_argument("--horizon", type=int, default=8)
     ap.add_argument("--startups", type=int, default=1, help="start the server this many times")
     ap.add_argument("--rounding", default="release")
+    ap.add_argument(
+        "--compilation-cache",
+        default=None,
+        metavar="DIR",
+        help="the server's compilation cache (a fresh DIR measures a cold start)",
+    )
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/grok1/bench"))
     ap.add_argument("--no-offline", action="store_true", help="skip Model.generate")
+    ap.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="untimed passes of the same requests before measuring",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -96,6 +110,8 @@ def start_server(path: str, args, log_path: str) -> tuple[subprocess.Popen, str,
     cmd = [sys.executable, "-m", "grok1.serve", "--checkpoint", path, "--port", "0",
            "--max-slots", str(args.max_slots), "--horizon", str(args.horizon),
            "--max-queue", str(max(256, args.requests)), "--rounding", args.rounding]  # fmt: skip
+    if args.compilation_cache:
+        cmd += ["--compilation-cache", args.compilation_cache]
     env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     log = open(log_path, "w")
@@ -175,8 +191,9 @@ def summarize(results: list[dict]) -> dict:
 def offline(path: str, prompts: list[list[int]], args) -> dict:
     import grok1
 
+    kw = {"compilation_cache": args.compilation_cache} if args.compilation_cache else {}
     model = grok1.load(path, rounding=args.rounding, max_slots=args.max_slots,
-                       horizon=args.horizon)  # fmt: skip
+                       horizon=args.horizon, **kw)  # fmt: skip
     kw = dict(temperature=args.temperature, ignore_eos=True, max_batch=args.max_slots)
     model.generate(prompts[: args.max_slots], args.max_tokens, **kw)  # compiles
     t0 = time.monotonic()
@@ -187,6 +204,15 @@ def offline(path: str, prompts: list[list[int]], args) -> dict:
     return {"output_tokens": n, "wall_s": wall, "output_tok_s": n / wall, "tokens": out}
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0] if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -194,7 +220,7 @@ def main(argv=None) -> int:
     vocab = vocab_size(path) if path else (args.vocab or 2048)
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(3, vocab, args.prompt).tolist() for _ in range(args.requests)]
-    report = {"config": args.config, "args": vars(args), "host": platform.processor(),
+    report = {"config": args.config, "args": vars(args), "host": cpu_name(),
               "cpus": os.cpu_count(), "startup_s": []}  # fmt: skip
     proc, url = None, args.url
     for i in range(0 if args.url else args.startups):
@@ -204,6 +230,8 @@ def main(argv=None) -> int:
         report["startup_s"].append(round(seconds, 2))
         print(f"start-up {i + 1}: {seconds:.1f} s", flush=True)
     try:
+        for _ in range(args.warmup_rounds):  # untimed: programs compiled at first use
+            asyncio.run(drive(url, prompts, args))
         alone = asyncio.run(
             drive(url, prompts[:1], argparse.Namespace(**{**vars(args), "concurrency": 1}))
         )
