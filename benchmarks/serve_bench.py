@@ -18,8 +18,8 @@ later tokens); overall output tokens/s from the first submit to the last token. 
 use; the offline run's first call is not timed either), then one request alone, whose TTFT and
 TPOT give the bound "one prefill plus two decode horizons", then the timed load. Then, with the
 server stopped, the same model is loaded here and `Model.generate` runs the same requests
-(`--max-slots` rows at a time; a first call compiles and is not timed). Prints a table and
-writes everything to `--json`.
+(`--max-slots` rows at a time), after as many untimed passes. Prints a table and writes
+everything to `--json`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ def parse_args(argv=None):
         default=1,
         help="untimed passes of the same requests before measuring",
     )
+    ap.add_argument(
+        "--log-compiles",
+        action="store_true",
+        help="count the programs the server compiles in each phase (JAX_LOG_COMPILES)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -113,6 +118,8 @@ def start_server(path: str, args, log_path: str) -> tuple[subprocess.Popen, str,
     if args.compilation_cache:
         cmd += ["--compilation-cache", args.compilation_cache]
     env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
+    if args.log_compiles:
+        env["JAX_LOG_COMPILES"] = "1"
     t0 = time.monotonic()
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -195,13 +202,22 @@ def offline(path: str, prompts: list[list[int]], args) -> dict:
     model = grok1.load(path, rounding=args.rounding, max_slots=args.max_slots,
                        horizon=args.horizon, **kw)  # fmt: skip
     kw = dict(temperature=args.temperature, ignore_eos=True, max_batch=args.max_slots)
-    model.generate(prompts[: args.max_slots], args.max_tokens, **kw)  # compiles
+    for _ in range(max(1, args.warmup_rounds)):  # untimed, as the server's warm-up passes
+        model.generate(prompts, args.max_tokens, **kw)
     t0 = time.monotonic()
     out = model.generate(prompts, args.max_tokens, **kw)
     wall = time.monotonic() - t0
     n = sum(len(t) for t in out)
     model.engine.close()
     return {"output_tokens": n, "wall_s": wall, "output_tok_s": n / wall, "tokens": out}
+
+
+def compiles(log_path: str | None) -> int:
+    """Programs compiled so far according to the server's log (with --log-compiles)."""
+    if log_path is None or not os.path.exists(log_path):
+        return 0
+    with open(log_path, errors="replace") as f:
+        return sum("Compiling " in line for line in f)
 
 
 def cpu_name() -> str:
@@ -222,24 +238,31 @@ def main(argv=None) -> int:
     prompts = [rng.integers(3, vocab, args.prompt).tolist() for _ in range(args.requests)]
     report = {"config": args.config, "args": vars(args), "host": cpu_name(),
               "cpus": os.cpu_count(), "startup_s": []}  # fmt: skip
-    proc, url = None, args.url
+    proc, url, log = None, args.url, None
     for i in range(0 if args.url else args.startups):
         if proc is not None:
             stop_server(proc)
-        proc, url, seconds = start_server(path, args, os.path.join(args.workdir, f"serve{i}.log"))
+        log = os.path.join(args.workdir, f"serve{i}.log")
+        proc, url, seconds = start_server(path, args, log)
         report["startup_s"].append(round(seconds, 2))
         print(f"start-up {i + 1}: {seconds:.1f} s", flush=True)
+    phases = {"start-up": compiles(log)}
     try:
-        for _ in range(args.warmup_rounds):  # untimed: programs compiled at first use
+        for i in range(args.warmup_rounds):  # untimed: programs compiled at first use
             asyncio.run(drive(url, prompts, args))
+            phases[f"warm-up pass {i + 1}"] = compiles(log)
         alone = asyncio.run(
             drive(url, prompts[:1], argparse.Namespace(**{**vars(args), "concurrency": 1}))
         )
+        phases["alone"] = compiles(log)
         report["alone"] = summarize(alone)
         ttft1, tpot1 = alone[0]["ttft"], alone[0]["tpot"] or 0.0
         report["ttft_bound_s"] = ttft1 + 2 * args.horizon * tpot1
         results = asyncio.run(drive(url, prompts, args))
+        phases["timed"] = compiles(log)
         report["server"] = summarize(results)
+        if args.log_compiles:
+            report["compiles_after"] = phases
     finally:
         if proc is not None:
             stop_server(proc)
@@ -270,6 +293,8 @@ def print_table(report: dict) -> None:
               f" of {s['requests']} requests")  # fmt: skip
     if report["startup_s"]:
         print(f"start-up: {', '.join(f'{t:.1f} s' for t in report['startup_s'])}")
+    if "compiles_after" in report:
+        print("programs the server compiled, in all, after each phase:", report["compiles_after"])
 
 
 if __name__ == "__main__":

@@ -132,6 +132,15 @@ def test_n_choices_and_prompt_lists_use_seed_plus_i(server, tok):
     assert len({tuple(c["token_ids"]) for c in out["choices"]}) > 1
 
 
+def test_the_text_continues_the_prompt(server, tok):
+    ids = tok.encode(PROMPT)
+    out = completion(server, prompt=PROMPT, n=8, seed=0, max_tokens=3, return_token_ids=True)
+    firsts = [tok.id_to_piece(c["token_ids"][0]) for c in out["choices"] if c["token_ids"]]
+    assert any(p.startswith("\u2581") for p in firsts), firsts  # a first piece with a space
+    for c in out["choices"]:
+        assert PROMPT + c["text"] == tok.decode(ids + c["token_ids"])
+
+
 def test_concurrent_requests_each_get_what_they_get_alone(server, tok):
     bodies = [dict(prompt=[10 + i, 20 + 3 * i], max_tokens=4 + i, temperature=0.9, seed=i,
                    model=NAME, return_token_ids=True) for i in range(10)]  # fmt: skip
