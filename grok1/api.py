@@ -16,11 +16,12 @@ import numpy as np
 
 from grok1 import compile_cache, sharding
 from grok1.cache import CACHE_AXES, KVCache
-from grok1.checkpoint import loader, release
+from grok1.checkpoint import directory, loader
 from grok1.config import ModelConfig
 from grok1.engine import Engine, EngineDead, Request, bucket, run_all, to_host
-from grok1.model import DTYPES, ROUNDINGS, Grok1, param_table
+from grok1.model import Grok1, param_table
 from grok1.moe import STRATEGIES
+from grok1.numerics import Numerics
 from grok1.sampling import SamplingParams
 
 
@@ -54,8 +55,7 @@ def check_tokens(tokens, config: ModelConfig) -> np.ndarray:
         _token_ids(row, config.vocab_size, f"tokens[{b}]")
     if arr.shape[1] > config.sequence_len:
         raise ValueError(
-            f"tokens has {arr.shape[1]} positions, more than the context of "
-            f"{config.sequence_len}"
+            f"tokens has {arr.shape[1]} positions, more than the context of {config.sequence_len}"
         )
     return arr.astype(np.int32)
 
@@ -306,9 +306,11 @@ def load(
     horizon: int = 8,
     max_queue: int = 256,
     compilation_cache=compile_cache.DEFAULT,
+    cpu_kernels: bool | None = None,
     progress=None,
 ) -> Model:
-    """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
+    """Loads a checkpoint directory: the release's `ckpt-0/` or a converted checkpoint's
+    `model.safetensors.index.json` (`grok1-convert`), maybe with `config.json`.
 
     Args:
       path: the directory; `config.json` in it sets the architecture (else the Grok-1 preset).
@@ -331,23 +333,18 @@ def load(
       compilation_cache: directory of JAX's persistent compilation cache (compiled programs are
         reused by the next process); default `$GROK1_COMPILATION_CACHE`, else
         `~/.cache/grok1/jax`; None or "" leaves JAX's setting alone.
+      cpu_kernels: compute every product and row reduction in the native CPU kernels, so that a
+        request's numbers depend on its own tokens only (`grok1.numerics`): None (default)
+        wherever they can run (the CPU, one device, a C++ compiler present), False never, True
+        insists (an error where they cannot run).
       progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
         bytes of each finished read.
     """
-    for name, value, choices in (("dtype", dtype, tuple(DTYPES)), ("rounding", rounding, ROUNDINGS),
-                                 ("moe_strategy", moe_strategy, STRATEGIES)):  # fmt: skip
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if moe_strategy not in STRATEGIES:
+        raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got {moe_strategy!r}")
+    Numerics(dtype, rounding)  # checks both before any file is read
+    config = directory.check(path, config)  # one-line errors naming the path, before any read
     compile_cache.enable(compilation_cache)
-    from grok1.checkpoint import safe_format
-
-    converted = safe_format.is_converted(path)
-    if not converted and not os.path.isdir(os.path.join(path, release.CKPT_SUBDIR)):
-        raise FileNotFoundError(
-            f"no checkpoint at {path!r}: expected a directory holding {release.CKPT_SUBDIR}/ "
-            f"(put the release's ckpt-0/ under checkpoints/, or pass its parent directory)"
-        )
-    config = config or ModelConfig.load(path)
     shardings = None
     if expert_parallel and mesh is None:
         raise ValueError("expert_parallel=True needs a mesh (e.g. mesh={'data': 1, 'model': 8})")
@@ -363,8 +360,13 @@ def load(
     params, formats = loader.load_params(
         path, config, dtype=dtype, shardings=shardings, progress=progress or None
     )
+    one_device = mesh is None or mesh.devices.size == 1
+    if cpu_kernels and not one_device:
+        raise ValueError("cpu_kernels=True needs the model on one device; this mesh has "
+                         f"{mesh.devices.size}")  # fmt: skip
+    numerics = Numerics.choose(dtype, rounding, cpu_kernels if one_device else False)
     grok = Grok1(
-        config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding,
+        config, formats, numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     from grok1.tokenizer import TOKENIZER_FILE, Tokenizer

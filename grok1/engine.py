@@ -248,14 +248,19 @@ class Engine:
             "alive": self.alive,
         }
 
-    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compiles the decode program for every attended-slot bucket and the one-row prefill
-        for every chunk size, on the scheduler (every process of a multi-process run)."""
+    def warmup(
+        self, progress: Callable[[str], None] | None = None, prompt_len: int | None = None,
+        max_len: int | None = None,
+    ) -> None:  # fmt: skip
+        """Compiles, on the scheduler (every process of a multi-process run), the decode program
+        for every attended-slot bucket up to `max_len` tokens of context and the one-row prefill
+        for every chunk size up to `prompt_len` tokens (default: the whole capacity)."""
         done = threading.Event()
         with self._lock:
             self._check_alive()
             self._start()
-        self._inbox.put(("warmup", (progress, done)))
+        limits = (prompt_len or self.capacity, max_len or self.capacity)
+        self._inbox.put(("warmup", (progress, limits, done)))
         while not done.wait(0.1):
             with self._lock:
                 self._check_alive()
@@ -338,7 +343,7 @@ class Engine:
                 messages.append(["cancel", payload.id])
             elif kind == "warmup":
                 local["warmup"] = payload
-                messages.append(["warmup"])
+                messages.append(["warmup", *payload[1]])
             else:
                 messages.append(["close"])
         if self._channel is not None:
@@ -359,8 +364,8 @@ class Engine:
                 if job is not None:
                     self._finish(job, "cancelled")
             elif kind == "warmup":
-                progress, done = local.get("warmup", (None, None))
-                self._warmup(progress)
+                progress, _, done = local.get("warmup", (None, None, None))
+                self._warmup(progress, *message[1:])
                 if done is not None:
                     done.set()
             else:
@@ -685,17 +690,17 @@ class Engine:
             if kind == "submit":
                 payload.deliver(Event([], [], finish_reason=reason), error=error)
             elif kind == "warmup":
-                payload[1].set()
+                payload[-1].set()
 
     # -- warm-up -----------------------------------------------------------------------------
-    def _warmup(self, progress) -> None:
+    def _warmup(self, progress, prompt_len: int, max_len: int) -> None:
         say = progress or (lambda _: None)
         cache, state, sp = self._ensure_device()
-        buckets = []
-        b = MIN_BUCKET
+        top = bucket(min(max_len + self.horizon, self.capacity), self.capacity)
+        buckets, b = [], MIN_BUCKET
         while True:
-            buckets.append(min(b, self.capacity))
-            if b >= self.capacity:
+            buckets.append(min(b, top))
+            if b >= top:
                 break
             b *= 2
         say(f"compiling the decode step for {len(buckets)} context sizes")
@@ -705,7 +710,8 @@ class Engine:
                 self.params, cache, inactive, sp, jnp.bool_(False), kv_len=kv_len,
                 n_steps=self.horizon, top_k=0, table=self.table,
             )  # fmt: skip
-        chunks = [m for m in buckets if m <= self.max_bucket]
+        longest = bucket(min(prompt_len, self.max_bucket), self.max_bucket)
+        chunks = [m for m in buckets if m <= longest]
         say(f"compiling the prefill step for {len(chunks)} chunk sizes")
         rows = self._rows_for(1)
         for m in chunks:

@@ -36,6 +36,7 @@ from grok1 import sharding
 from grok1.cache import CACHE_AXES, KVCache
 from grok1.config import ModelConfig
 from grok1.model import Grok1, WeightFormats, param_table
+from grok1.numerics import Numerics
 
 GB = 1e9
 PREFILL_CHUNK = 1024
@@ -153,7 +154,7 @@ def dry_run(
     """
     from grok1.engine import Engine  # the engine's own jitted step functions are compiled
 
-    mesh_shape = dict(mesh_shape or {"data": 1, "model": 8})
+    mesh_shape = sharding.mesh_sizes(mesh_shape or {"data": 1, "model": 8}, jax.device_count())
     want = math.prod(mesh_shape.values())
     if jax.device_count() < want:
         raise RuntimeError(
@@ -162,8 +163,10 @@ def dry_run(
         )
     mesh = sharding.make_mesh(mesh_shape)
     sharding.check_mesh(config, mesh, expert_parallel)
+    one_device = mesh.devices.size == 1 and not expert_parallel
+    numerics = Numerics.choose(dtype, kernels=None if one_device else False)
     grok = Grok1(
-        config, WeightFormats.release(config), dtype=dtype, moe_strategy=moe_strategy,
+        config, WeightFormats.release(config), numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
@@ -297,14 +300,6 @@ def _replicated(config: ModelConfig, mesh) -> tuple:
     return ("kv_heads",) if sharding.kv_replication(config, mesh) > 1 else ()
 
 
-def _parse_mesh(text: str) -> dict:
-    out = {}
-    for part in text.split(","):
-        axis, _, size = part.partition("=")
-        out[axis.strip()] = int(size)
-    return out
-
-
 def summary(r: dict) -> str:
     """The report of `dry_run` as a few readable lines."""
     g = lambda b: f"{b / GB:.2f} GB" if b >= GB / 10 else f"{b / 1e6:.2f} MB"  # noqa: E731
@@ -338,17 +333,18 @@ def main(argv=None) -> None:
         help=f"a preset {ModelConfig.PRESETS} or a checkpoint directory (its config.json)",
     )  # fmt: skip
     ap.add_argument("--layers", type=int, default=None, help="override num_layers")
-    ap.add_argument("--mesh", default="data=1,model=8")
+    ap.add_argument("--mesh", default="data=1,model=8", help="axis sizes, e.g. data=1,model=8")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--expert-parallel", action="store_true", help="whole experts over 'model'")
     ap.add_argument("--json", default=None, help="write the report here ('-': stdout only)")
     args = ap.parse_args(argv)
-    mesh_shape = _parse_mesh(args.mesh)
     try:
         config = config_from(args.config)
-    except ValueError as e:
+        # an axis left out (or -1) gets the rest of the devices JAX sees here
+        mesh_shape = sharding.mesh_sizes(sharding.parse_mesh(args.mesh), jax.device_count())
+    except ValueError as e:  # ShardingError is one
         raise SystemExit(f"error: {e}") from None
     if args.layers:
         config = ModelConfig(**{**config.to_dict(), "num_layers": args.layers})

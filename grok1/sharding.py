@@ -8,6 +8,7 @@ divide, is an error raised before anything is compiled.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -47,31 +48,94 @@ class ShardingError(ValueError):
     pass
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """Axis sizes from the command-line form "data=1,model=8" ({"data": 1, "model": 8}).
+
+    Every part is AXIS=SIZE with AXIS one of `AXES`, each axis at most once, SIZE an integer >= 1
+    or -1 ("the rest of the devices"). An axis left out also means the rest (`mesh_sizes`).
+    """
+    form = f"expected AXIS=SIZE[,AXIS=SIZE] with AXIS in {'/'.join(AXES)}, e.g. data=1,model=8"
+    if not isinstance(text, str) or not text.strip():
+        raise ShardingError(f"mesh {text!r}: empty; {form}")
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        axis, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or not axis:
+            raise ShardingError(f"mesh {text!r}: {part.strip()!r} is not AXIS=SIZE; {form}")
+        if axis in out:
+            raise ShardingError(f"mesh {text!r}: axis {axis!r} is given twice")
+        try:
+            value = int(size)
+        except ValueError:
+            raise ShardingError(
+                f"mesh {text!r}: size {size!r} of axis {axis!r} is not an integer"
+            ) from None
+        out[axis] = value
+    return _checked(out, f"mesh {text!r}")
+
+
+def _checked(spec: Mapping, what: str) -> dict[str, int]:
+    """`spec` as {axis: int}, after checking its axes and sizes."""
+    unknown = sorted(set(spec) - set(AXES), key=str)
+    if unknown:
+        raise ShardingError(f"{what}: unknown axes {unknown}; the axes are {', '.join(AXES)}")
+    out = {}
+    for axis, size in spec.items():
+        if not isinstance(size, int | np.integer) or isinstance(size, bool):
+            raise ShardingError(f"{what}: size of axis {axis!r} must be an int, got {size!r}")
+        if size < 1 and size != -1:
+            raise ShardingError(
+                f"{what}: size of axis {axis!r} must be >= 1 (or -1 for the rest of the "
+                f"devices), got {size}"
+            )
+        out[axis] = int(size)
+    return out
+
+
+def mesh_sizes(spec: Mapping | None, num_devices: int) -> dict[str, int]:
+    """{axis: size} for every axis of `AXES`, with the one axis left out or given as -1 filled
+    with the devices the others leave. None or {} puts every device on "model".
+
+    Checks the axes and sizes and that the filled axis gets a whole number of devices; whether
+    the mesh fits the devices is `make_mesh`'s question (the dry run plans larger meshes).
+    """
+    spec = _checked(spec or {"data": 1}, f"mesh {dict(spec or {})}")
+    sizes = {axis: spec.get(axis, -1) for axis in AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ShardingError(
+            f"mesh {spec}: give the size of all axes but one ({', '.join(rest)} are all left "
+            f"to the rest of the devices)"
+        )
+    if rest:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if num_devices % known or num_devices < known:
+            raise ShardingError(
+                f"mesh {spec}: the {num_devices} devices do not split into {known} x N for axis "
+                f"{rest[0]!r}; give every axis's size, or a mesh whose sizes divide {num_devices}"
+            )
+        sizes[rest[0]] = num_devices // known
+    return sizes
+
+
 def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
     """A ("data", "model") mesh.
 
     spec: a Mesh (returned as is), a dict such as {"data": 1, "model": 8} (a missing axis gets
-    the remaining devices; -1 also means "the rest"), or None (all devices on "model").
+    the remaining devices; -1 also means "the rest"), its command-line form "data=1,model=8"
+    (`parse_mesh`), or None (all devices on "model").
     """
     if isinstance(spec, Mesh):
         return spec
+    if isinstance(spec, str):
+        spec = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
-    spec = dict(spec or {"data": 1})
-    unknown = set(spec) - set(AXES)
-    if unknown:
-        raise ShardingError(f"unknown mesh axes {sorted(unknown)}; the axes are {AXES}")
-    sizes = {axis: int(spec.get(axis, -1)) for axis in AXES}
-    known = int(np.prod([s for s in sizes.values() if s != -1]))
-    if known <= 0 or (-1 in sizes.values() and len(devices) % known):
-        raise ShardingError(f"mesh {spec} does not fit {len(devices)} devices")
-    for axis in AXES:
-        if sizes[axis] == -1:
-            sizes[axis] = len(devices) // known
-            known *= sizes[axis]
-    total = int(np.prod(list(sizes.values())))
+    sizes = mesh_sizes(spec, len(devices))
+    total = math.prod(sizes.values())
     if total > len(devices):
         raise ShardingError(
-            f"mesh {sizes} needs {total} devices but only {len(devices)} are available"
+            f"mesh {sizes} needs {total} devices but only {len(devices)} are available; give "
+            f"a mesh of at most {len(devices)} devices"
         )
     grid = np.array(devices[:total], dtype=object).reshape([sizes[a] for a in AXES])
     return Mesh(grid, AXES)

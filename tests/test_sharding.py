@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +134,59 @@ def test_embedding_lookup_stays_on_the_vocabulary_shards():
     for r in results:
         assert r["equal"], r["case"]
         assert r["all_reduce"] and not r["all_gather"], r["case"]
+
+
+# -- the one mesh parser (run.py --mesh, python -m grok1.plan --mesh, grok1.load(mesh=...)) -------
+def test_parse_mesh_reads_the_command_line_form():
+    from grok1 import sharding
+
+    assert sharding.parse_mesh("data=1,model=8") == {"data": 1, "model": 8}
+    assert sharding.parse_mesh(" model = 4 ") == {"model": 4}
+    assert sharding.parse_mesh("data=2,model=-1") == {"data": 2, "model": -1}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("", "empty"), ("data=1,", "'' is not AXIS=SIZE"), ("model", "'model' is not AXIS=SIZE"),
+     ("=4", "'=4' is not AXIS=SIZE"), ("data=x", "size 'x' of axis 'data' is not an integer"),
+     ("data=1.5", "is not an integer"), ("experts=2", "unknown axes ['experts']"),
+     ("data=1,data=2", "axis 'data' is given twice"), ("model=0", "must be >= 1"),
+     ("model=-2", "must be >= 1 (or -1 for the rest of the devices), got -2")],
+)  # fmt: skip
+def test_parse_mesh_rejects(text, message):
+    from grok1 import sharding
+
+    with pytest.raises(sharding.ShardingError, match=f"^mesh {text!r}: .*{re.escape(message)}"):
+        sharding.parse_mesh(text)
+
+
+def test_mesh_sizes_fill_the_rest_of_the_devices():
+    from grok1 import sharding
+
+    assert sharding.mesh_sizes(None, 8) == {"data": 1, "model": 8}
+    assert sharding.mesh_sizes({}, 8) == {"data": 1, "model": 8}
+    assert sharding.mesh_sizes({"data": 2}, 8) == {"data": 2, "model": 4}
+    assert sharding.mesh_sizes({"model": 2, "data": -1}, 8) == {"data": 4, "model": 2}
+    assert sharding.mesh_sizes({"data": 1, "model": 16}, 8) == {"data": 1, "model": 16}  # planned
+    for spec, message in [
+        ({"data": -1, "model": -1}, "all axes but one"),
+        ({"data": 3}, "do not split into 3 x N"),
+        ({"data": 1.0}, "must be an int, got 1.0"),
+        ({"data": True}, "must be an int, got True"),
+        ({"model": 0}, "must be >= 1"),
+        ({"expert": 2}, "unknown axes ['expert']"),
+    ]:
+        with pytest.raises(sharding.ShardingError, match=re.escape(message)):
+            sharding.mesh_sizes(spec, 8)
+
+
+def test_make_mesh_takes_the_dict_or_the_text_and_checks_the_devices():
+    import jax
+
+    from grok1 import sharding
+
+    devices = jax.devices()[:1] * 4  # shape checks only: the mesh is not used
+    assert dict(sharding.make_mesh("data=2", devices).shape) == {"data": 2, "model": 2}
+    assert dict(sharding.make_mesh({"model": 4}, devices).shape) == {"data": 1, "model": 4}
+    with pytest.raises(sharding.ShardingError, match="needs 8 devices but only 4"):
+        sharding.make_mesh("data=2,model=4", devices)

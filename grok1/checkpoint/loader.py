@@ -1,19 +1,19 @@
-"""From checkpoint files to model parameters, and back.
+"""From checkpoint files to model parameters placed on devices, and back.
 
-`load_params` validates a checkpoint against the config (the release's `ckpt-0/` pickles, or the
-converted `.npy` files of `safe_format`), then builds every (layer-stacked) parameter with
-`jax.make_array_from_callback`: each device's callback reads only the slice of each layer's file
-that the device keeps (`TensorFile.read_*` seeks to the bytes it needs, `NpyTensor` copies them
-out of an mmap), and devices holding the same shard share one read, so a host materialises only
-its own shards and never the whole checkpoint. Leaves are read in parallel, largest first.
+`load_params` opens a checkpoint's readers (`directory.open_readers`: the release's `ckpt-0/`
+pickles or a converted safetensors checkpoint, every leaf checked against the config), then
+builds every (layer-stacked) parameter with `jax.make_array_from_callback`: each device's
+callback reads only the slice of each layer's leaf that the device keeps (`TensorReader.read_part`
+reads just those bytes), and devices holding the same shard share one read, so a host
+materialises only its own shards and never the whole checkpoint. Leaves are read in parallel,
+largest first.
 
 Host memory. A small leaf's host slice is built whole ([L, ...] at once). A stacked leaf whose
 host bytes exceed `layerwise_bytes` (256 MiB by default; Grok-1's MoE leaves are ~100 GB) is
 placed one layer at a time into a pre-placed zeros array (`_build_layered`), so the host holds
 about one layer's slice per worker. Both paths give identical arrays.
 
-The table `MODULES` maps a release leaf suffix (SPEC.md §3) to the model's parameter
-(`grok1.model.param_table`); nothing else in the package knows the release's names.
+The release's names map to the model's parameters through `release.MODULES` / `release.GLOBALS`.
 """
 
 from __future__ import annotations
@@ -30,41 +30,19 @@ import ml_dtypes
 import numpy as np
 
 from grok1 import layers
-from grok1.checkpoint import release, safe_format
+from grok1.checkpoint import directory as checkpoint_dir
+from grok1.checkpoint import release
+from grok1.checkpoint.release import GLOBALS, MODULES, release_path
+from grok1.checkpoint.tensors import CheckpointError, QuantizedWeight8bit
 from grok1.config import ModelConfig
-from grok1.model import ATTN, MOE, STACK, WeightFormats, param_table
+from grok1.model import STACK, WeightFormats, param_table
 from grok1.progress import Progress
 
 BF16_NP = np.dtype(ml_dtypes.bfloat16)
 LAYERWISE_BYTES = 256 << 20  # stacked leaves above this many host bytes are placed layer by layer
 
-# release suffix -> (module, leaf name, matrix name or None)
-MODULES = {
-    "moe/linear/w": (f"{MOE}/gate", "w", "gate"),
-    "moe/linear_1/w": (f"{MOE}/down", "w", "down"),
-    "moe/linear_v/w": (f"{MOE}/up", "w", "up"),
-    "multi_head_attention/key/w": (f"{ATTN}/key", "w", "key"),
-    "multi_head_attention/linear/w": (f"{ATTN}/linear", "w", "linear"),
-    "multi_head_attention/query/w": (f"{ATTN}/query", "w", "query"),
-    "multi_head_attention/value/w": (f"{ATTN}/value", "w", "value"),
-    "rms_norm/scale": (f"{STACK}/decoder_layer/attn_norm", "scale", None),
-    "rms_norm_1/scale": (f"{STACK}/decoder_layer/attn_out_norm", "scale", None),
-    "rms_norm_2/scale": (f"{STACK}/decoder_layer/moe_norm", "scale", None),
-    "rms_norm_3/scale": (f"{STACK}/decoder_layer/moe_out_norm", "scale", None),
-    "router/w": (MOE, "router", None),
-}
-GLOBALS = {
-    release.EMBEDDING_PATH: ("grok1/embed", "embeddings"),
-    release.FINAL_NORM_PATH: ("grok1/final_norm", "scale"),
-}
-assert set(MODULES) == set(release.LAYER_SUFFIXES)
 
-
-def release_path(suffix: str, layer: int) -> str:
-    return f"{release.LAYER_PREFIX}{layer}/{suffix}"
-
-
-def dequantize_np(q: release.QuantizedWeight8bit) -> np.ndarray:
+def dequantize_np(q: QuantizedWeight8bit) -> np.ndarray:
     """Host-side `bf16(bf16(w) * scales)` widened to float32 (exact)."""
     w = q.weight.astype(np.float32)
     *lead, n_in, n_out = w.shape
@@ -86,25 +64,6 @@ def _formats(config: ModelConfig, files: dict) -> WeightFormats:
         groups = kinds.pop() if len(kinds) == 1 else None  # mixed: dequantise to float32
         found[name] = layers.MatrixFormat(groups)
     return WeightFormats(**found)
-
-
-def open_checkpoint(directory, config: ModelConfig) -> dict:
-    """{release path: TensorFile (or `safe_format.NpyTensor`)}, every leaf checked.
-
-    `directory` holds either the release's `ckpt-0/` or a converted `index.json`
-    (`grok1.checkpoint.safe_format`); the converted format wins when both are present.
-    """
-    if safe_format.is_converted(directory):
-        return safe_format.open_checkpoint(directory, config)
-    files = {}
-    for path, filenames in release.checkpoint_file_groups(directory, config):
-        try:
-            tf = release.open_leaf(filenames)
-        except release.CheckpointError as e:
-            raise release.CheckpointError(f"parameter {path}: {e}") from None
-        release.check_leaf(config, path, tf, where=filenames[0])
-        files[path] = tf
-    return files
 
 
 class _Cancelled(Exception):
@@ -138,8 +97,8 @@ class _LeafReader:
                 out = dequantize_np(tf.read())[index]  # mixed formats across layers
             else:
                 out = tf.read_part(self.part, index)
-        except (release.CheckpointError, OSError) as e:
-            raise release.CheckpointError(f"parameter {path} (model {self.name}): {e}") from None
+        except (CheckpointError, OSError) as e:
+            raise CheckpointError(f"parameter {path} (model {self.name}): {e}") from None
         return out.astype(self.dtype, copy=False)
 
     def __call__(self, index: tuple) -> np.ndarray:
@@ -252,10 +211,11 @@ def load_params(
     progress: Callable[[int], None] | Progress | bool | None = None,
     layerwise_bytes: int = LAYERWISE_BYTES,
 ) -> tuple[dict, WeightFormats]:
-    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted `index.json`).
+    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted safetensors).
 
     Args:
-      directory: holds `ckpt-0/` (release) or `index.json` (`safe_format.convert`).
+      directory: holds `ckpt-0/` (release) or `model.safetensors.index.json` (converted by
+        `grok1.convert`).
       config: the architecture the files must match.
       dtype: activation dtype; in "bfloat16" mode the embedding is kept as bf16 (the model only
         ever uses bf16(Emb)), halving its memory.
@@ -269,7 +229,7 @@ def load_params(
     Returns: (params, formats). Raises `CheckpointError` naming the file and the parameter on a
     missing, truncated or mismatched file; nothing is returned then.
     """
-    files = open_checkpoint(directory, config)
+    files = checkpoint_dir.open_readers(directory, config)
     formats = _formats(config, files)
     table = param_table(config, formats)
     if shardings is None:
@@ -325,7 +285,7 @@ def params_to_release(params: dict, config: ModelConfig) -> dict:
         scales = get(module, "scales") if matrix and "scales" in params[module] else None
         for layer in range(config.num_layers):
             if scales is not None:
-                value = release.QuantizedWeight8bit(stacked[layer], scales[layer])
+                value = QuantizedWeight8bit(stacked[layer], scales[layer])
             else:
                 value = stacked[layer].astype(np.float32)
             leaves[release_path(suffix, layer)] = value
