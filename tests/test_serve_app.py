@@ -452,7 +452,7 @@ def test_metrics(server, tok):
         (["--max-slots", "0"], "--max-slots"),
         (["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
         (["--chat-template", "/nonexistent/t.jinja"], "/nonexistent/t.jinja"),
-        (["--mesh", "data=x"], "--mesh"),
+        (["--mesh", "data=x"], "data=x"),
         (["--num-processes", "2"], "--coordinator"),
         (["--api-key", " "], "--api-key"),
     ],
@@ -470,5 +470,5 @@ def test_a_port_in_use_is_an_error_line(capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        with pytest.raises(cli.UserError, match="cannot listen on 127.0.0.1"):
+        with pytest.raises(cli.UsageError, match="cannot listen on 127.0.0.1"):
             cli.listen("127.0.0.1", busy.getsockname()[1])
