@@ -42,7 +42,7 @@ USER_ERRORS = (
     ("grok1.checkpoint.release", "CheckpointError", 1),  # bad or damaged checkpoint files
     ("grok1.sharding", "ShardingError", 1),  # a mesh the devices or the model cannot use
     ("grok1.distributed", "DistributedError", 1),  # the job could not start
-    ("grok1.plan", "InsufficientMemoryError", 1),  # the devices cannot hold the model
+    ("grok1.sharding", "InsufficientMemoryError", 1),  # the devices cannot hold the model
     ("grok1.plan", "DryRunError", 1),  # the dry run's child process refused the plan
     ("builtins", "OSError", 1),  # a missing or unreadable file
     ("builtins", "MemoryError", 1),  # the host ran out of memory

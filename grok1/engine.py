@@ -105,6 +105,7 @@ class _Job:
 
 
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
+_NUMBERS = itertools.count()  # names each engine's channel to the other processes
 
 
 @atexit.register
@@ -124,7 +125,6 @@ class Engine:
       horizon: decode steps between two admissions.
       max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond.
       cache_len: context capacity (default: the config's sequence_len).
-      shardings: optional placement hooks (`grok1.api`): `cache(KVCache) -> shardings`.
       tokenizer: for text (events' `text`) and stop strings.
       slot_multiple: the mesh's data-axis size (rows are split over it).
     """
@@ -139,7 +139,6 @@ class Engine:
         horizon: int = 8,
         max_queue: int = 256,
         cache_len: int | None = None,
-        shardings=None,
         tokenizer=None,
         slot_multiple: int = 1,
     ):
@@ -155,7 +154,6 @@ class Engine:
         self.max_slots = max_slots + (-max_slots) % slot_multiple
         self.slot_multiple = slot_multiple
         self.horizon, self.max_queue = horizon, max_queue
-        self.shardings = shardings
         self.tokenizer = tokenizer
         self.steps = Steps(grok)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -167,6 +165,7 @@ class Engine:
         self._closed = False
         self._channel = None
         self._device = None  # (cache, decode state, sampling params), made on first use
+        self._number = next(_NUMBERS)
         self._jobs: dict[int, _Job] = {}
         self._waiting: deque[_Job] = deque()
         self._slots: list[_Job | None] = [None] * self.max_slots
@@ -300,10 +299,10 @@ class Engine:
     # -- the scheduler -------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            if jax.process_count() > 1:
+            if jax.process_count() > 1:  # every process makes its engines in the same order
                 from grok1.distributed import Channel
 
-                self._channel = Channel("grok1/engine")
+                self._channel = Channel(f"grok1/engine{self._number}")
             while True:
                 messages, local = self._intake()
                 if not self._apply(messages, local):
@@ -403,11 +402,9 @@ class Engine:
         return self._device
 
     def new_cache(self, batch: int) -> KVCache:
-        """An empty KV cache of `batch` rows, placed as the model's mesh wants it."""
-        cache = KVCache.zeros(self.config, batch, self.capacity, self.grok.compute_dtype)
-        if self.shardings is not None:
-            cache = jax.device_put(cache, self.shardings.cache(cache))
-        return cache
+        """An empty KV cache of `batch` rows, placed on the model's mesh (`KVCache.shapes`)."""
+        dtype = self.grok.compute_dtype
+        return KVCache.zeros(self.config, batch, self.capacity, dtype, self.grok.mesh)
 
     @property
     def table(self) -> jax.Array:

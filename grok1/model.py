@@ -187,8 +187,8 @@ def _rows_of_vocab_shards(table: jax.Array, tokens: jax.Array, mesh) -> jax.Arra
     summed, exactly (one term per token is not zero). The table never moves.
 
     Left to XLA, the lookup of a single token (one-row decode) is rewritten on GPU into a
-    dynamic slice of the whole table, which the partitioner serves with an all-gather of it:
-    1.6 GB into every device at every step for Grok-1 on 8 devices.
+    dynamic slice of the whole table, which the partitioner serves with an all-gather of the
+    table into every device at every step (docs/performance.md, GPU traffic estimates).
     """
     from jax.sharding import PartitionSpec as P
 
@@ -247,8 +247,8 @@ class Grok1:
           default flags (its logits.npy). There XLA:CPU computes bf16 arithmetic in float32 and
           lets a written `astype(float32)` of a bf16 op's result read the float32 value
           directly, so a rounding survives only where a bf16 value reaches a bf16 consumer
-          (another bf16 op, a dot operand, a reshape or transpose, a program output). Measured
-          on the release's structure, three roundings go: (1) every RMSNorm that reads the
+          (another bf16 op, a dot operand, a reshape or transpose, a program output). On the
+          release's structure, three roundings go: (1) every RMSNorm that reads the
           residual stream (the two pre-norms, the final norm) sees the residual add, and the
           embedding times its multiplier, unrounded, while the stream keeps the rounded value
           for the next add; (2) the post-attention RMSNorm reads the output projection's
@@ -260,11 +260,10 @@ class Grok1:
           summation-order differences flip occasional bf16 roundings, and that noise remains.
         * "fast": as "release", except that every int8 weight is used as q * s exactly instead
           of bf16(q * s), so its scales multiply the sums of each scale group rather than every
-          weight (`layers.matmul`; the CPU kernels skip a conversion and rounding per weight:
-          decode is 10-25 % faster on the benchmark CPU). Not the release's numerics: a
-          perturbation of the weights of relative size 2^-9, which on the golden cases moves
-          logits by up to ~0.2 and, where the router's 2nd and 3rd experts are nearly tied,
-          can flip an expert choice (README, "How the numerics are verified").
+          weight (`layers.matmul`; the CPU kernels skip a conversion and a rounding per weight,
+          docs/performance.md). Not the release's numerics: a perturbation of each weight of
+          relative size up to 2^-9, which where the router's 2nd and 3rd experts are nearly tied
+          can flip an expert choice (docs/numerics.md, `rounding="fast"`).
     """
 
     config: ModelConfig

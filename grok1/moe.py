@@ -247,11 +247,9 @@ def choose_strategy(strategy: str, num_tokens: int, k: int, num_experts: int, ba
 
     Auto gathers while the rows are at most the experts on CPU, four times the experts on GPU
     and TPU: there each row's products read the int8 weights in place (on GPU as reductions,
-    `layers.dots_in_f32`), while "grouped" writes and reads back a dequantised copy of every
-    expert, about six times the bytes of reading them once (Grok-1's decode step compiled for 8
-    H100s: 1.5 GB per layer and device for 16 rows against 4.1 GB; for 8 TPU v5p chips, XLA's
-    temporaries of 8 layers at batch 8: 6 MB against 1.6 GB). Beyond, "dense" on CPU and
-    "grouped" elsewhere.
+    `Numerics.dots_in_f32`), while "grouped" writes and reads back a dequantised copy of every
+    expert, several times the bytes of reading them once (docs/performance.md, GPU traffic
+    estimates). Beyond, "dense" on CPU and "grouped" elsewhere.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}")

@@ -1,9 +1,11 @@
-"""Meshes and the one table from logical axes to mesh axes.
+"""Meshes, the one table from logical axes to mesh axes, and the memory each device can hold.
 
 Every parameter leaf names its dimensions with logical axes (`grok1.model.param_table`), and so do
-the KV cache and the main activations. `RULES` maps each logical axis to a mesh axis (or None,
-replicated). A leaf with an axis missing from the table, or a dimension that its mesh axis does not
-divide, is an error raised before anything is compiled.
+the KV cache (`grok1.cache`) and the main activations. `RULES` maps each logical axis to a mesh
+axis (or None, replicated); `table_shardings` turns a table of leaves into their shardings, and is
+where a model axis larger than the KV heads makes them whole on every device. A leaf with an axis
+missing from the table, or a dimension that its mesh axis does not divide, is an error raised
+before anything is compiled. `preflight` compares bytes per device with each device's memory.
 """
 
 from __future__ import annotations
@@ -144,11 +146,15 @@ def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
 def spec_for(
     axes: Sequence[str], shape: Sequence[int], mesh: Mesh, what: str, rules: Mapping = RULES
 ) -> PartitionSpec:
-    """PartitionSpec of a leaf from its logical axes (mapped by `rules`), checking divisibility."""
+    """PartitionSpec of a leaf from its logical axes (mapped by `rules`; an axis given as None is
+    kept whole), checking divisibility."""
     if len(axes) != len(shape):
         raise ShardingError(f"{what}: {len(axes)} logical axes for shape {tuple(shape)}")
     parts = []
     for axis, dim in zip(axes, shape, strict=True):
+        if axis is None:
+            parts.append(None)
+            continue
         if axis not in rules:
             raise ShardingError(f"{what}: no sharding rule for logical axis {axis!r}")
         mesh_axis = rules[axis]
@@ -195,21 +201,51 @@ def kv_replication(config: ModelConfig, mesh: Mesh) -> int:
 
 
 def table_shardings(
-    table: Mapping, mesh: Mesh, replicate: Sequence[str] = (), rules: Mapping = RULES
+    table: Mapping, config: ModelConfig, mesh: Mesh, rules: Mapping = RULES
 ) -> dict:
-    """{key: NamedSharding} for a {key: (shape, dtype, logical axes)} table.
+    """{key: NamedSharding} for a {key: (shape, dtype, logical axes)} table (parameters or the KV
+    cache) on `mesh`, each axis placed by `rules`.
 
-    Logical axes in `replicate` are kept whole on every device (e.g. "kv_heads" when the model
-    axis exceeds the KV heads).
+    Where the model axis exceeds the KV heads (`kv_replication`), "kv_heads" is kept whole on
+    every device.
     """
+    whole = ("kv_heads",) if kv_replication(config, mesh) > 1 else ()
     out = {}
     for key, (shape, _, axes) in table.items():
-        axes = tuple(None if a in replicate else a for a in axes)
-        spec = _spec_allowing_none(axes, shape, mesh, "/".join(key), rules)
-        out[key] = NamedSharding(mesh, spec)
+        axes = [None if a in whole else a for a in axes]
+        what = key if isinstance(key, str) else "/".join(key)
+        out[key] = NamedSharding(mesh, spec_for(axes, shape, mesh, what, rules))
     return out
 
 
-def _spec_allowing_none(axes, shape, mesh, what, rules=RULES) -> PartitionSpec:
-    named_axes = [a if a is not None else "layers" for a in axes]  # "layers" is replicated
-    return spec_for(named_axes, shape, mesh, what, rules)
+# -- memory per device ------------------------------------------------------------------------
+GB = 1e9
+
+
+class InsufficientMemoryError(MemoryError):
+    pass
+
+
+def device_memory_limit(device) -> int | None:
+    """Bytes a device can hold (`memory_stats()["bytes_limit"]`), None where unknown (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def preflight(needed_bytes_per_device: int, devices: Sequence | None = None) -> None:
+    """Raises InsufficientMemoryError if some device cannot hold `needed_bytes_per_device`.
+
+    Devices that report no limit (the CPU) are skipped. Pass this process's devices only: the
+    runtime answers memory questions for addressable devices alone.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    for d in devices:
+        limit = device_memory_limit(d)
+        if limit is None:
+            continue
+        if needed_bytes_per_device > limit:
+            raise InsufficientMemoryError(
+                f"needs {needed_bytes_per_device / GB:.3g} GB per device, this mesh has "
+                f"{limit / GB:.3g} GB ({d.device_kind} {d.id}); use a larger model axis, a "
+                f"smaller batch or context, or devices with more memory"
+            )

@@ -223,11 +223,12 @@ def test_invalid_utf8_on_stdin_is_replaced_with_one_warning(monkeypatch, capsys)
 
 
 def test_not_enough_device_memory_is_caught_before_loading(monkeypatch, capsys):
-    from grok1 import plan
+    from grok1 import sharding
     from grok1.checkpoint import loader
 
-    monkeypatch.setattr(plan, "device_memory_limit", lambda device: 10_000)
-    monkeypatch.setattr(loader, "load_params", lambda *a, **k: pytest.fail("weights read"))
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda device: 10_000)
+    read = lambda *a, **k: pytest.fail("weights read")  # noqa: E731
+    monkeypatch.setattr(loader._LeafReader, "_read_one", read)  # noqa: SLF001
     assert cli.main(SMALL) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: needs ") and "GB per device, this mesh has 1e-05 GB" in last

@@ -1,5 +1,6 @@
 """Tests of checkpoint loading: release and converted (safetensors) formats, the layer-by-layer
-path, sharded reads on a simulated 8-device mesh, errors, and progress.
+path, sharded reads on a simulated 8-device mesh, errors, the one pass (one parameter table, the
+memory checked before any read, no planner), and progress.
 
 References are independent of the loader: the release files read whole with `read_checkpoint`
 and stacked in NumPy here, and a single-device load for the sharded runs.
@@ -156,6 +157,57 @@ def test_failure_during_reads_stops_the_load(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# One pass: the table built once, the memory checked before any read, no planner.
+# ---------------------------------------------------------------------------------------------
+def test_memory_is_checked_against_the_placed_bytes_before_any_read(monkeypatch):
+    from grok1 import sharding
+
+    config = ModelConfig.load(CASE)
+    held = sum(a.nbytes for a in as_numpy(loader.load_params(CASE, config)[0]).values())
+    reads = []
+    real = loader._LeafReader._read_one  # noqa: SLF001
+
+    def read_one(self, path, index):
+        reads.append(path)
+        return real(self, path, index)
+
+    monkeypatch.setattr(loader._LeafReader, "_read_one", read_one)  # noqa: SLF001
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda device: held - 1)
+    with pytest.raises(sharding.InsufficientMemoryError, match=f"needs {held / 1e9:.3g} GB per"):
+        loader.load_params(CASE, config)
+    assert reads == []
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda device: held)
+    loader.load_params(CASE, config)  # exactly enough
+    assert reads
+
+
+ONE_PASS = """
+import sys
+import grok1
+from grok1 import model
+real, calls = model.param_table, []
+def counted(*args, **kw):
+    calls.append(args)
+    return real(*args, **kw)
+for module in list(sys.modules.values()):  # wherever it was imported by name
+    if vars(module).get("param_table") is real:
+        setattr(module, "param_table", counted)
+grok1.load(sys.argv[1], mesh={"data": 1, "model": 1})
+print(len(calls), "grok1.plan" in sys.modules)
+"""
+
+
+def test_one_load_builds_the_table_once_and_never_imports_the_planner():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PASS, CASE], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split()[-2:] == ["1", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Progress.
 # ---------------------------------------------------------------------------------------------
 class FakeTerminal(io.StringIO):
@@ -196,7 +248,7 @@ def test_progress_meter_output():
 # ---------------------------------------------------------------------------------------------
 # Sharded reads on 8 simulated devices (in a subprocess: the device count is fixed at start).
 # ---------------------------------------------------------------------------------------------
-RULES = {"ffn": "model", "q_heads": "model", "kv_heads": "model", "vocab": "data"}
+RULES = {"ffn": "model", "q_heads": "model", "kv_heads": "model", "vocab": "data"}  # others whole
 
 
 def _normalize(index, shape) -> tuple:
@@ -229,6 +281,7 @@ def _sharded_child(case: str, converted_dir: str) -> None:
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from grok1 import sharding
     from grok1.checkpoint import directory
 
     assert jax.device_count() == 8
@@ -262,8 +315,9 @@ def _sharded_child(case: str, converted_dir: str) -> None:
         for layerwise in (1 << 40, 0):
             reads.clear()
             params, _ = loader.load_params(
-                path, config, dtype="float32", shardings=shardings, layerwise_bytes=layerwise
-            )
+                path, config, dtype="float32", mesh=mesh,
+                rules={**dict.fromkeys(sharding.RULES), **RULES}, layerwise_bytes=layerwise,
+            )  # fmt: skip
             expected, kept = [], 0
             for (module, leaf), arr in ((k, params[k[0]][k[1]]) for k in table):
                 assert arr.sharding == shardings(module, leaf, arr.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -190,3 +191,57 @@ def test_make_mesh_takes_the_dict_or_the_text_and_checks_the_devices():
     assert dict(sharding.make_mesh({"model": 4}, devices).shape) == {"data": 1, "model": 4}
     with pytest.raises(sharding.ShardingError, match="needs 8 devices but only 4"):
         sharding.make_mesh("data=2,model=4", devices)
+
+
+# -- one decision for the parameters and the KV cache ---------------------------------------
+@pytest.mark.parametrize("model", [1, 4, 8, 16])
+def test_kv_heads_are_split_or_whole_alike_for_parameters_and_cache(model):
+    """8 KV heads: split over a model axis of up to 8 devices, whole on every device of a larger
+    one; the key/value projections (as loading places them) and the cache follow suit."""
+    from jax.sharding import AbstractMesh
+
+    from grok1 import sharding
+    from grok1.cache import KVCache
+    from grok1.config import ModelConfig
+    from grok1.model import ATTN, WeightFormats, param_table
+
+    config = ModelConfig.load(case_path(CASE))
+    assert (config.num_q_heads, config.num_kv_heads) == (48, 8)
+    mesh = AbstractMesh((2, model), ("data", "model"))  # placement only: no devices needed
+    table = param_table(config, WeightFormats.release(config))
+    params = sharding.table_shardings(table, config, mesh)
+    cache = KVCache.shapes(config, 4, 16, "bfloat16", mesh)
+    kv = "model" if 1 < model <= 8 else None
+    q = "model" if model > 1 else None
+    assert tuple(params[(f"{ATTN}/key", "w")].spec) == (None, None, kv)
+    assert tuple(params[(f"{ATTN}/value", "w")].spec) == (None, None, kv)
+    assert tuple(params[(f"{ATTN}/query", "w")].spec) == (None, None, q)
+    assert tuple(cache.k.sharding.spec) == tuple(cache.v.sharding.spec)
+    assert tuple(cache.k.sharding.spec) == (None, "data", kv, None, None)
+    assert tuple(cache.lengths.sharding.spec) == ("data",)
+
+
+# -- memory per device -----------------------------------------------------------------------
+@dataclasses.dataclass
+class FakeDevice:
+    limit: int | None
+    id: int = 0
+    device_kind: str = "FakeGPU"
+
+    def memory_stats(self):
+        return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_preflight_error_names_need_and_capacity():
+    from grok1 import sharding
+
+    with pytest.raises(
+        sharding.InsufficientMemoryError, match="needs 50 GB per device, this mesh has 40 GB"
+    ):
+        sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(40 * 10**9, id=1)])
+
+
+def test_preflight_passes_and_skips_devices_without_stats():
+    from grok1 import sharding
+
+    sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(None)])

@@ -1,12 +1,17 @@
 """From checkpoint files to model parameters placed on devices, and back.
 
-`load_params` opens a checkpoint's readers (`directory.open_readers`: the release's `ckpt-0/`
-pickles or a converted safetensors checkpoint, every leaf checked against the config), then
-builds every (layer-stacked) parameter with `jax.make_array_from_callback`: each device's
-callback reads only the slice of each layer's leaf that the device keeps (`TensorReader.read_part`
-reads just those bytes), and devices holding the same shard share one read, so a host
-materialises only its own shards and never the whole checkpoint. Leaves are read in parallel,
-largest first.
+`load_params` is one pass in one direction:
+  1. open the checkpoint's readers (`directory.open_readers`: the release's `ckpt-0/` pickles or a
+     converted safetensors checkpoint, every leaf checked against the config) and read each
+     matrix's format off them (`read_formats`: int8 with grouped scales, or float32);
+  2. build the parameter table once (`grok1.model.param_table`: shape, dtype, logical axes);
+  3. derive every leaf's sharding once from that table (`grok1.sharding.table_shardings`);
+  4. check each of this host's devices can hold its share, before any weight is read;
+  5. place the leaves: every (layer-stacked) parameter is built with
+     `jax.make_array_from_callback`; each device's callback reads only the slice of each layer's
+     leaf that the device keeps (`TensorReader.read_part` reads just those bytes), and devices
+     holding the same shard share one read, so a host materialises only its own shards and never
+     the whole checkpoint. Leaves are read in parallel, largest first.
 
 Host memory. A small leaf's host slice is built whole ([L, ...] at once). A stacked leaf whose
 host bytes exceed `layerwise_bytes` (256 MiB by default; Grok-1's MoE leaves are ~100 GB) is
@@ -18,11 +23,12 @@ The release's names map to the model's parameters through `release.MODULES` / `r
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,7 @@ from grok1.checkpoint.tensors import CheckpointError, QuantizedWeight8bit
 from grok1.config import ModelConfig
 from grok1.model import STACK, WeightFormats, param_table
 from grok1.progress import Progress
+from grok1.sharding import RULES, preflight, table_shardings
 
 BF16_NP = np.dtype(ml_dtypes.bfloat16)
 LAYERWISE_BYTES = 256 << 20  # stacked leaves above this many host bytes are placed layer by layer
@@ -52,7 +59,7 @@ def dequantize_np(q: QuantizedWeight8bit) -> np.ndarray:
     return prod.reshape(w.shape)
 
 
-def _formats(config: ModelConfig, files: dict) -> WeightFormats:
+def read_formats(config: ModelConfig, files: dict) -> WeightFormats:
     """Each matrix's format; int8 only when every layer stores it int8 with the same groups."""
     found = {}
     for suffix in release.MATRIX_SUFFIXES:
@@ -143,14 +150,26 @@ def _once_per_index(read: Callable) -> Callable:
     return cached
 
 
+def _slice_bytes(key: tuple, shape: tuple, itemsize: int) -> int:
+    sizes = [len(range(*slice(*k).indices(n))) for k, n in zip(key, shape, strict=True)]
+    return math.prod(sizes) * itemsize
+
+
 def host_bytes(sharding: jax.sharding.Sharding, shape: tuple, itemsize: int) -> int:
     """Bytes this host reads for a leaf: each distinct shard of its devices, once."""
     indices = {_index_key(i) for i in sharding.addressable_devices_indices_map(shape).values()}
-    total = 0
-    for key in indices:
-        sizes = [len(range(*slice(*k).indices(n))) for k, n in zip(key, shape, strict=True)]
-        total += math.prod(sizes) * itemsize
-    return total
+    return sum(_slice_bytes(key, shape, itemsize) for key in indices)
+
+
+def check_fits(plans: Mapping) -> None:
+    """Raises `grok1.sharding.InsufficientMemoryError` if one of this host's devices cannot hold
+    its shards of every leaf ({key: (shape, dtype, sharding, ...)}); reads nothing."""
+    held: collections.Counter = collections.Counter()
+    for shape, np_dtype, placement, *_ in plans.values():
+        for device, index in placement.addressable_devices_indices_map(shape).items():
+            held[device] += _slice_bytes(_index_key(index), shape, np_dtype.itemsize)
+    for device in sorted(held, key=lambda d: d.id):
+        preflight(held[device], [device])
 
 
 def _layer_sharding(sharding: jax.sharding.Sharding, ndim: int):
@@ -206,42 +225,51 @@ def load_params(
     config: ModelConfig,
     *,
     dtype: str = "bfloat16",
-    shardings: Callable | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Mapping = RULES,
     max_workers: int = 8,
     progress: Callable[[int], None] | Progress | bool | None = None,
     layerwise_bytes: int = LAYERWISE_BYTES,
 ) -> tuple[dict, WeightFormats]:
-    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted safetensors).
+    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted safetensors), in
+    the steps of the module docstring.
 
-    Args:
-      directory: holds `ckpt-0/` (release) or `model.safetensors.index.json` (converted by
-        `grok1.convert`).
-      config: the architecture the files must match.
-      dtype: activation dtype; in "bfloat16" mode the embedding is kept as bf16 (the model only
-        ever uses bf16(Emb)), halving its memory.
-      shardings: `(module, leaf, shape) -> jax.sharding.Sharding`; default: the first device.
-      max_workers: leaves read in parallel.
-      progress: a callable, called with the bytes of each slice read (they sum to the bytes this
-        host reads, each distinct shard once); or a `grok1.progress.Progress` (its total is set
-        if unset, and it is closed at the end); or True for a fresh Progress on stderr.
-      layerwise_bytes: a stacked leaf whose host bytes exceed this is placed one layer at a
-        time (`_build_layered`), bounding host memory to one layer's slice per worker.
-    Returns: (params, formats). Raises `CheckpointError` naming the file and the parameter on a
-    missing, truncated or mismatched file; nothing is returned then.
+        Args:
+          directory: holds `ckpt-0/` (release) or `model.safetensors.index.json` (converted by
+            `grok1.convert`).
+          config: the architecture the files must match.
+          dtype: activation dtype; in "bfloat16" mode the embedding is kept as bf16 (the model only
+            ever uses bf16(Emb)), halving its memory.
+          mesh: the mesh the leaves are split over, each by its logical axes and `rules`
+            (`grok1.sharding`); None puts every leaf whole on this host's first device.
+          rules: logical axis -> mesh axis (`grok1.sharding.RULES` or `EXPERT_PARALLEL_RULES`).
+          max_workers: leaves read in parallel.
+          progress: a callable, called with the bytes of each slice read (they sum to the bytes this
+            host reads, each distinct shard once); or a `grok1.progress.Progress` (its total is set
+            if unset, and it is closed at the end); or True for a fresh Progress on stderr.
+          layerwise_bytes: a stacked leaf whose host bytes exceed this is placed one layer at a
+            time (`_build_layered`), bounding host memory to one layer's slice per worker.
+        Returns: (params, formats). Raises `CheckpointError` naming the file and the parameter on a
+        missing, truncated or mismatched file, `grok1.sharding.ShardingError` on a leaf the mesh
+        does not divide, and `InsufficientMemoryError` (before reading any weight) when a device
+        cannot hold its share; nothing is returned then.
     """
     files = checkpoint_dir.open_readers(directory, config)
-    formats = _formats(config, files)
+    formats = read_formats(config, files)
     table = param_table(config, formats)
-    if shardings is None:
+    if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = lambda module, leaf, shape: device  # noqa: E731
+        shardings = dict.fromkeys(table, device)
+    else:
+        shardings = table_shardings(table, config, mesh, rules)
     plans = {}
     for key, (shape, leaf_dtype, _) in table.items():
         np_dtype = BF16_NP if leaf_dtype == layers.BF16 else np.dtype(leaf_dtype)
         if key == ("grok1/embed", "embeddings") and dtype == "bfloat16":
             np_dtype = BF16_NP
-        sharding = shardings(*key, shape)
-        plans[key] = (shape, np_dtype, sharding, host_bytes(sharding, shape, np_dtype.itemsize))
+        placement = shardings[key]
+        plans[key] = (shape, np_dtype, placement, host_bytes(placement, shape, np_dtype.itemsize))
+    check_fits(plans)
     report, finish = _reporter(progress, sum(p[3] for p in plans.values()))
     stop = threading.Event()
 
