@@ -208,7 +208,7 @@ def offline(path: str, prompts: list[list[int]], args) -> dict:
     out = model.generate(prompts, args.max_tokens, **kw)
     wall = time.monotonic() - t0
     n = sum(len(t) for t in out)
-    model.engine.close()
+    model.close()
     return {"output_tokens": n, "wall_s": wall, "output_tok_s": n / wall, "tokens": out}
 
 

@@ -90,7 +90,8 @@ def client(server) -> openai.OpenAI:
 def model():
     import grok1
 
-    return grok1.load(demo.demo_path(), tokenizer=demo.tokenizer_path())
+    with grok1.load(demo.demo_path(), tokenizer=demo.tokenizer_path()) as model:
+        yield model
 
 
 def generate(model, prompt, max_tokens, **kw):

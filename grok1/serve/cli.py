@@ -182,7 +182,7 @@ def serve(args, plan: dict) -> int:
         signal.signal(sig, lambda signum, frame: stops.append(signum))
     server.run(sockets=[sock])
     if starter.model is not None:
-        starter.model.engine.close()  # followers return from follow()
+        starter.model.close()  # followers return from follow()
     if starter.error is not None:
         raise starter.error  # console.run prints it (one line for a user's mistake)
     if starter.is_alive():  # stopped while loading: the load cannot be interrupted
