@@ -171,6 +171,13 @@ def test_echo_with_logprobs_scores_the_prompt(server, tok):
         assert text[offsets[t] : offsets[t + 1]] == lp["tokens"][t]
 
 
+def test_max_tokens_0_with_and_without_echo(server, tok):
+    for echo, text in ((False, ""), (True, PROMPT)):
+        out = completion(server, prompt=PROMPT, max_tokens=0, echo=echo)
+        assert out["choices"][0]["text"] == text and out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["completion_tokens"] == 0
+
+
 def test_echo_max_tokens_1_returns_eos_like_any_token(server, tok):
     ids = [40, 41, EOS_TRIGGER]  # the fake model's most likely next token is EOS
     out = completion(server, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
