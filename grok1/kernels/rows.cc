@@ -117,12 +117,82 @@ inline float RoundBf16(float f) {
   return f;
 }
 
+// exp and tanh, elementwise over arrays, in one fixed sequence of float operations for every
+// element (eight at a time; a tail goes through the same eight-lane code, padded), so that an
+// element's result does not depend on where it sits. Accurate to a few ulp; exp of anything
+// below -88 is exactly 0 (masked attention keys add exact zeros).
+#ifdef GROK1_AVX2
+inline __m256 Exp8(__m256 x) {
+  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-88.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  // x = n * ln2 + r, |r| <= ln2 / 2, ln2 split in two for an exact n * ln2_hi
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(c));
+  }
+  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r),
+                    _mm256_set1_ps(1.0f));
+  // times 2^n, built in the exponent field
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(under, y);
+}
+
+inline __m256 Tanh8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);  // |x|
+  // |x| < 0.625: x + x^3 p(x^2); otherwise 1 - 2 / (exp(2|x|) + 1), saturating at 1
+  const __m256 z = _mm256_mul_ps(a, a);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  for (const float c : {2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f,
+                        -3.33332819422e-1f}) {
+    p = _mm256_add_ps(_mm256_mul_ps(p, z), _mm256_set1_ps(c));
+  }
+  const __m256 small = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, z), a), a);
+  const __m256 e = Exp8(_mm256_min_ps(_mm256_add_ps(a, a), _mm256_set1_ps(40.0f)));
+  const __m256 large = _mm256_sub_ps(
+      _mm256_set1_ps(1.0f),
+      _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  const __m256 is_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  return _mm256_or_ps(_mm256_blendv_ps(large, small, is_small), sign);
+}
+
+// fn(x[0:n)) in place, eight at a time; the tail padded into eight lanes.
+template <__m256 (*Fn)(__m256)>
+void Apply8(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, Fn(_mm256_loadu_ps(x + j)));
+  if (j < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::copy(x + j, x + n, tail);
+    _mm256_store_ps(tail, Fn(_mm256_load_ps(tail)));
+    std::copy(tail, tail + (n - j), x + j);
+  }
+}
+inline void ExpInPlace(float* x, int64_t n) { Apply8<Exp8>(x, n); }
+inline void TanhInPlace(float* x, int64_t n) { Apply8<Tanh8>(x, n); }
+#else
+inline void ExpInPlace(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = x[j] < -88.0f ? 0.0f : std::exp(x[j]);
+}
+inline void TanhInPlace(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::tanh(x[j]);
+}
+#endif
+
 // x[0:n) <- softmax(x[0:n)) in place: exp(x - max) / sum, the sum in RowSum's order (so that
 // entries of exp 0 appended to a row change nothing). `round` rounds each result to bf16.
 void SoftmaxInPlace(float* x, int64_t n, bool round) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) top = std::max(top, x[j]);
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - top);
+  for (int64_t j = 0; j < n; ++j) x[j] -= top;
+  ExpInPlace(x, n);
   const float total = RowSum(x, n);
   for (int64_t j = 0; j < n; ++j) x[j] = round ? RoundBf16(x[j] / total) : x[j] / total;
 }
@@ -173,12 +243,9 @@ ffi::Error AttendProbsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s,
       const bool* seen = mp + (b * T + tok) * S;
       const float* in = sp + i * S;
       float* out = pp + i * S;
-      for (int64_t j = 0; j < S; ++j) {
-        float v = round ? RoundBf16(in[j]) : in[j];
-        v = v * mult;
-        v = cap * std::tanh(v / cap);
-        out[j] = seen[j] ? v : -1e30f;
-      }
+      for (int64_t j = 0; j < S; ++j) out[j] = ((round ? RoundBf16(in[j]) : in[j]) * mult) / cap;
+      TanhInPlace(out, S);
+      for (int64_t j = 0; j < S; ++j) out[j] = seen[j] ? cap * out[j] : -1e30f;
       SoftmaxInPlace(out, S, round);
     }
   });
