@@ -204,12 +204,11 @@ def compile_step(config, devices, data, batch, context, moe_strategy, target, ro
                  rounding=rounding)  # fmt: skip
     params = plan.abstract_params(config, grok.formats, mesh)
     cache = plan.abstract_cache(config, mesh, batch, context, grok.compute_dtype)
-    tokens, n_new = plan.abstract_step_inputs(mesh, batch, 1)
+    inputs = plan.abstract_step_inputs(mesh, batch, 1)
     table = plan.abstract_table(grok, params)
     engine = Engine(grok, params, max_bucket=1, cache_len=context)
     with jax.set_mesh(mesh):
-        lowered = engine._chunk.lower(params, cache, tokens, n_new, kv_len=context, table=table)
-        return lowered.compile()
+        return plan.lower_step(engine, params, cache, inputs, context, table).compile()
 
 
 def main(argv=None) -> None:

@@ -12,46 +12,56 @@ import os
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from grok1 import sharding
+from grok1 import compile_cache, sharding
 from grok1.cache import CACHE_AXES, KVCache
 from grok1.checkpoint import loader, release
 from grok1.config import ModelConfig
-from grok1.engine import Engine, Request, to_host
-from grok1.model import DTYPES, Grok1, param_table
+from grok1.engine import Engine, EngineDead, Request, bucket, run_all, to_host
+from grok1.model import DTYPES, ROUNDINGS, Grok1, param_table
+from grok1.moe import STRATEGIES
 from grok1.sampling import SamplingParams
 
 
+def _token_ids(seq, vocab_size: int, what: str) -> list[int]:
+    """One sequence of token ids as ints: integers only (a float or bool is refused, never
+    truncated), each in [0, vocab_size)."""
+    if isinstance(seq, str):
+        raise TypeError(f"{what}: expected token ids, got a string")
+    arr = np.asarray(seq)
+    if arr.ndim != 1:
+        raise ValueError(f"{what}: expected a flat sequence of token ids, got shape {arr.shape}")
+    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        raise ValueError(
+            f"{what}: token id {int(arr[bad[0]])} at position {int(bad[0])} is outside the "
+            f"vocabulary [0, {vocab_size})"
+        )
+    return arr.astype(np.int64).tolist()
+
+
 def check_tokens(tokens, config: ModelConfig) -> np.ndarray:
-    """[B, T] int ids in [0, vocab); a clear error otherwise."""
+    """[B, T] int ids in [0, vocab), T at most the context; a clear error otherwise."""
     arr = np.asarray(tokens)
     if arr.ndim == 1:
         raise ValueError(f"tokens must be [batch, length], got a 1-D array of {arr.shape[0]} ids")
-    if arr.ndim != 2 or arr.shape[1] == 0:
+    if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
         raise ValueError(f"tokens must be a non-empty [batch, length] array, got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"tokens must be integer ids, got dtype {arr.dtype}")
-    bad = (arr < 0) | (arr >= config.vocab_size)
-    if bad.any():
-        b, t = np.argwhere(bad)[0]
+    for b, row in enumerate(arr):
+        _token_ids(row, config.vocab_size, f"tokens[{b}]")
+    if arr.shape[1] > config.sequence_len:
         raise ValueError(
-            f"token id {int(arr[b, t])} at [{b}, {t}] is outside the vocabulary [0, "
-            f"{config.vocab_size})"
+            f"tokens has {arr.shape[1]} positions, more than the context of "
+            f"{config.sequence_len}"
         )
     return arr.astype(np.int32)
 
 
-def causal_mask(valid: jax.Array) -> jax.Array:
-    """[B, T] key validity -> [B, T, T] mask: query t sees valid keys s <= t."""
-    t = valid.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & valid[:, None, :]
-
-
 class Model:
-    """A loaded Grok-1: parameters on devices plus the compiled functions that use them."""
+    """A loaded Grok-1: parameters on devices, the engine that serves them, and a tokenizer."""
 
     def __init__(
         self,
@@ -62,51 +72,82 @@ class Model:
         path=None,
         tokenizer=None,
         max_bucket: int = 1024,
+        max_slots: int = 8,
+        horizon: int = 8,
+        max_queue: int = 256,
     ):
         self.grok = grok
         self.config = grok.config
         self.params = params
         self.mesh = mesh
         self.path = path
-        self.tokenizer = tokenizer
         self.engine = Engine(
-            grok, params, max_bucket=max_bucket, shardings=_CacheShardings(mesh, grok.config)
+            grok,
+            params,
+            max_bucket=max_bucket,
+            max_slots=max_slots,
+            horizon=horizon,
+            max_queue=max_queue,
+            shardings=_CacheShardings(mesh, grok.config),
+            tokenizer=tokenizer,
+            slot_multiple=self._data_size(),
         )
 
-    @functools.cached_property
-    def _forward(self):
-        def fn(params, tokens, valid):
-            b, t = tokens.shape
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            logits, _ = self.grok.apply(params, tokens, positions, causal_mask(valid))
-            return logits.astype(jnp.float32)
+    @property
+    def tokenizer(self):
+        """The tokenizer (text prompts, text output, stop strings), or None."""
+        return self.engine.tokenizer
 
-        return jax.jit(fn)
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self.engine.tokenizer = value
 
     def logits(self, tokens, lengths=None) -> np.ndarray:
         """Full-sequence logits, float32 [B, T, V], of right-padded ids [B, T].
 
         `lengths[b]` is row b's real length (positions at or past it are padding and their logits
-        unspecified); without it, ids equal to the pad id are padding, as in the release.
+        unspecified); without it, a row ends after its last id that is not the pad id. The
+        logits come from the engine's prefill chunks, so they equal what `score` reads.
         """
         toks = check_tokens(tokens, self.config)
+        batch, t = toks.shape
         if lengths is None:
-            valid = toks > self.config.pad_token
+            real = toks > self.config.pad_token
+            lengths = np.where(real.any(1), t - np.argmax(real[:, ::-1], axis=1), 0)
         else:
             lengths = np.asarray(lengths).reshape(-1)
-            if lengths.shape[0] != toks.shape[0]:
-                raise ValueError(f"{lengths.shape[0]} lengths given for {toks.shape[0]} rows")
-            if (lengths < 0).any() or (lengths > toks.shape[1]).any():
-                raise ValueError(f"lengths must lie in [0, {toks.shape[1]}], got {lengths}")
-            valid = np.arange(toks.shape[1])[None, :] < lengths[:, None]
-        return to_host(self._forward(self.params, jnp.asarray(toks), jnp.asarray(valid)))
+            if lengths.shape[0] != batch:
+                raise ValueError(f"{lengths.shape[0]} lengths given for {batch} rows")
+            if (lengths < 0).any() or (lengths > t).any():
+                raise ValueError(f"lengths must lie in [0, {t}], got {lengths}")
+        engine = self.engine
+        rows = engine._rows_for(batch)  # noqa: SLF001 - the engine's row padding rule
+        cache = engine.new_cache(rows)
+        slots = np.arange(rows, dtype=np.int32)
+        slots[batch:] = rows  # padding rows: nowhere
+        out = np.zeros((batch, t, self.config.vocab_size), np.float32)
+        for start in range(0, t, engine.max_bucket):
+            width = min(engine.max_bucket, t - start)
+            m = bucket(width, engine.max_bucket)
+            chunk = np.zeros((rows, m), np.int32)
+            chunk[:batch, :width] = toks[:, start : start + width]
+            n_new = np.zeros(rows, np.int32)
+            n_new[:batch] = np.clip(lengths - start, 0, width)
+            starts = np.full(rows, start, np.int32)
+            logits, cache = engine.logits_chunk(cache, slots, starts, chunk, n_new)
+            out[:, start : start + width] = to_host(logits)[:batch, :width]
+        return out
 
     # -- generation ---------------------------------------------------------------------------
     def _requests(self, prompts, max_new_tokens, stop, stop_ids, ignore_eos, **sampling_kw):
         seed = sampling_kw.pop("seed", 0)
+        if isinstance(seed, list | tuple) and len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds given for {len(prompts)} prompts")
+        if isinstance(stop, str):
+            stop = [stop]
         out = []
         for i, prompt in enumerate(prompts):
-            ids = self._encode(prompt)
+            ids = self._encode(prompt, f"prompts[{i}]")
             seed_i = seed[i] if isinstance(seed, list | tuple) else seed
             sp = SamplingParams(seed=seed_i, **sampling_kw)
             out.append(
@@ -114,14 +155,16 @@ class Model:
                     tuple(ids),
                     int(max_new_tokens),
                     sp,
-                    tuple(stop_ids or ()),
+                    tuple(int(t) for t in stop_ids or ()),
                     tuple(stop or ()),
                     ignore_eos,
                 )
             )
+        for request in out:
+            self.engine.check(request)
         return out
 
-    def _encode(self, prompt) -> list[int]:
+    def _encode(self, prompt, what: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(
@@ -129,30 +172,10 @@ class Model:
                 )
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = _token_ids(prompt, self.config.vocab_size, what)
         if not ids:
-            raise ValueError("empty prompt: give at least one token (or non-empty text)")
+            raise ValueError(f"{what}: empty prompt: give at least one token (or non-empty text)")
         return ids
-
-    def _stop_check(self, requests):
-        if not any(r.stop_strings for r in requests):
-            return None
-        if self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-
-        def check(i, tokens):
-            stops = requests[i].stop_strings
-            text = self.tokenizer.decode(tokens)
-            found = [text.index(s) for s in stops if s in text]
-            if not found:
-                return None
-            start = min(found)  # keep the tokens whose text ends before the stop string
-            keep = len(tokens)
-            while keep > 0 and len(self.tokenizer.decode(tokens[:keep])) > start:
-                keep -= 1
-            return keep
-
-        return check
 
     def generate(
         self,
@@ -176,14 +199,18 @@ class Model:
         lists) or the new text (prompts given as strings). Stops at EOS (unless `ignore_eos`),
         `stop_ids`, `stop` strings or `max_new_tokens`; the stop itself is not returned.
 
-        With `return_results`, returns `engine.Result`s instead: tokens, their log-probabilities,
-        the finish reason and, when `logprobs=k`, the k most likely (id, log-probability)
-        alternatives at every step."""
+        The prompts go to the model's engine, at most `max_batch` at a time (and at most its
+        `max_slots` decode together); a seed gives the same tokens whatever the batch.
+        With `return_results`, returns `grok1.requests.Result`s instead: tokens, their
+        log-probabilities, the finish reason, the text and, when `logprobs=k`, the k most
+        likely (id, log-probability) alternatives at every step."""
         single = isinstance(prompts, str) or (
             len(prompts) > 0 and isinstance(prompts[0], int | np.integer)
         )
         if single:
             raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         reqs = self._requests(
             prompts,
             max_new_tokens,
@@ -198,47 +225,48 @@ class Model:
             seed=seed,
             logprobs=logprobs,
         )
-        results = [None] * len(reqs)
-        for i, _, result in self.engine.run(
-            reqs,
-            max_batch=max_batch,
-            stop_check=self._stop_check(reqs),
-            batch_multiple=self._data_size(),
-        ):
-            if result is not None:
-                results[i] = result
+        results = run_all(self.engine, reqs, max_batch)
         if return_results:
             return results
-        return [self._output(p, r.tokens) for p, r in zip(prompts, results, strict=True)]
+        return [self._output(p, r) for p, r in zip(prompts, results, strict=True)]
 
     def stream(self, prompt, max_new_tokens: int = 32, **kw) -> Iterator:
-        """Yields new token ids one by one (or text pieces, for a text prompt)."""
+        """Yields new token ids one by one (or text pieces, for a text prompt). Stopping the
+        iteration early (or an interrupt) cancels the request."""
         ignore_eos = kw.pop("ignore_eos", False)
         stop, stop_ids = kw.pop("stop", None), kw.pop("stop_ids", None)
-        reqs = self._requests([prompt], max_new_tokens, stop, stop_ids, ignore_eos, **kw)
+        (request,) = self._requests([prompt], max_new_tokens, stop, stop_ids, ignore_eos, **kw)
         text = isinstance(prompt, str)
-        decoder = self.tokenizer.stream_decoder() if text else None
-        for _, new, _ in self.engine.run(
-            reqs, stream=True, stop_check=self._stop_check(reqs), batch_multiple=self._data_size()
-        ):
-            for tok in new:
-                if decoder is None:
-                    yield tok
+        handle = self.engine.submit(request)
+        try:
+            for event in handle:
+                if event.finish_reason == "error":
+                    raise EngineDead("the engine failed") from handle.result().error
+                if text:
+                    if event.text:
+                        yield event.text
                 else:
-                    piece = decoder.feed(tok)
-                    if piece:
-                        yield piece
-        if decoder is not None:
-            tail = decoder.flush()
-            if tail:
-                yield tail
+                    yield from event.tokens
+        finally:
+            handle.cancel()
 
     def score(self, sequences) -> list[np.ndarray]:
         """Per-token log-probabilities log p(x_t | x_<t), t >= 1, of each id sequence."""
-        return self.engine.score([self._encode(s) for s in sequences])
+        reqs = []
+        for i, seq in enumerate(sequences):
+            ids = self._encode(seq, f"sequences[{i}]")
+            if len(ids) < 2:
+                raise ValueError(f"sequences[{i}]: a scored sequence needs at least 2 tokens")
+            reqs.append(Request(tuple(ids), 0, prompt_logprobs=True))
+        for request in reqs:
+            self.engine.check(request)
+        results = run_all(self.engine, reqs)
+        return [np.asarray(r.prompt_logprobs, np.float32) for r in results]
 
-    def _output(self, prompt, tokens):
-        return self.tokenizer.decode(tokens) if isinstance(prompt, str) else list(tokens)
+    def _output(self, prompt, result):
+        if not isinstance(prompt, str):
+            return list(result.tokens)
+        return result.text if result.text is not None else self.tokenizer.decode(result.tokens)
 
     def _data_size(self) -> int:
         return 1 if self.mesh is None else self.mesh.shape["data"]
@@ -274,6 +302,10 @@ def load(
     expert_parallel: bool = False,
     tokenizer=None,
     max_bucket: int = 1024,
+    max_slots: int = 8,
+    horizon: int = 8,
+    max_queue: int = 256,
+    compilation_cache=compile_cache.DEFAULT,
     progress=None,
 ) -> Model:
     """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
@@ -286,18 +318,27 @@ def load(
       rounding: "release" (the release's default-flag numerics), "strict" (every rounding of
         SPEC.md §2) or "fast" ("release" with the int8 weights unrounded: faster on CPU, not
         the release's numerics); see `grok1.model.Grok1`.
-      tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model.
+      tokenizer: a `grok1.tokenizer.Tokenizer`, or a path to a SentencePiece model; by
+        default the directory's own `tokenizer.model`, if it has one (the demo model does).
       mesh: a `jax.sharding.Mesh` or a dict of axis sizes such as {"data": 1, "model": 8};
         None keeps everything on the first device.
       expert_parallel: split the experts whole over the mesh's model axis (each device runs
         its own experts for every token; for throughput at large batches) instead of splitting
         every expert's hidden size over it (the default; lowest latency). Needs a mesh.
       max_bucket: largest prefill chunk (a power of two); longer prompts are prefilled in chunks.
+      max_slots, horizon, max_queue: the engine's requests decoded together, decode steps between
+        admissions, and requests that may wait (`grok1.engine.Engine`).
+      compilation_cache: directory of JAX's persistent compilation cache (compiled programs are
+        reused by the next process); default `$GROK1_COMPILATION_CACHE`, else
+        `~/.cache/grok1/jax`; None or "" leaves JAX's setting alone.
       progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
         bytes of each finished read.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for name, value, choices in (("dtype", dtype, tuple(DTYPES)), ("rounding", rounding, ROUNDINGS),
+                                 ("moe_strategy", moe_strategy, STRATEGIES)):  # fmt: skip
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    compile_cache.enable(compilation_cache)
     from grok1.checkpoint import safe_format
 
     converted = safe_format.is_converted(path)
@@ -326,13 +367,18 @@ def load(
         config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
-    if isinstance(tokenizer, str | os.PathLike):
-        from grok1.tokenizer import Tokenizer
+    from grok1.tokenizer import TOKENIZER_FILE, Tokenizer
 
+    if tokenizer is None and os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+        tokenizer = os.path.join(path, TOKENIZER_FILE)
+    if isinstance(tokenizer, str | os.PathLike):
         tokenizer = Tokenizer.load(tokenizer)
     if tokenizer is not None:
         tokenizer.check_vocab(config.vocab_size)
-    return Model(grok, params, mesh=mesh, path=path, tokenizer=tokenizer, max_bucket=max_bucket)
+    return Model(
+        grok, params, mesh=mesh, path=path, tokenizer=tokenizer, max_bucket=max_bucket,
+        max_slots=max_slots, horizon=horizon, max_queue=max_queue,
+    )  # fmt: skip
 
 
 def _param_shardings(path, config, mesh, rules=sharding.RULES):

@@ -54,26 +54,28 @@ class CachedLayer:
     place instead of slicing, widening and transposing the layer first. The values equal
     `layers.dot`'s up to float32 summation order.
 
-    Attributes: k_cache, v_cache: [L, B, K, Sc, Dh] uint16; layer: scalar; kv_len: static.
+    Attributes: k_cache, v_cache: [L, Bc, K, Sc, Dh] uint16; layer: scalar; kv_len: static;
+    rows: [B] the cache row of each batch row.
     """
 
     k_cache: jax.Array
     v_cache: jax.Array
     layer: jax.Array
     kv_len: int
+    rows: jax.Array
 
     def scores(self, q: jax.Array) -> jax.Array:
         """q [B, T, K, G, Dh] -> float32 scores [B, K, G, T, S]."""
         b, t, kv, g, dh = q.shape
-        rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, dh)
-        s = kernels.attend_scores(rows, self.k_cache, self.layer, self.kv_len)
+        q_rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, dh)
+        s = kernels.attend_scores(q_rows, self.k_cache, self.layer, self.kv_len, self.rows)
         return s.reshape(b, kv, t, g, self.kv_len).transpose(0, 1, 3, 2, 4)
 
     def values(self, p: jax.Array) -> jax.Array:
         """p [B, K, G, T, S] -> float32 outputs [B, T, K, G, Dh]."""
         b, kv, g, t, s = p.shape
-        rows = p.transpose(0, 1, 3, 2, 4).reshape(b, kv, t * g, s)
-        o = kernels.attend_values(rows, self.v_cache, self.layer)
+        p_rows = p.transpose(0, 1, 3, 2, 4).reshape(b, kv, t * g, s)
+        o = kernels.attend_values(p_rows, self.v_cache, self.layer, self.rows)
         return o.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4)
 
     @staticmethod
@@ -84,15 +86,18 @@ class CachedLayer:
         return stacked is not None and cache.dtype == jnp.uint16 and rows <= layers.KERNEL_MAX_ROWS
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array):
+def write_cache(
+    cache: jax.Array, new: jax.Array, layer: jax.Array, positions: jax.Array, rows: jax.Array
+):
     """Writes new keys or values into one layer of a stacked cache, in place under jit.
 
-    cache: [L, B, K, S, Dh] (bf16 stored as uint16 bits: `grok1.cache.storage_dtype`);
-    new: [B, T, K, Dh] in the activation dtype; layer: scalar int; positions: [B, T] slots.
-    Slots past the end of the cache are dropped (they only ever hold padding).
+    cache: [L, Bc, K, S, Dh] (bf16 stored as uint16 bits: `grok1.cache.storage_dtype`);
+    new: [B, T, K, Dh] in the activation dtype; layer: scalar int; positions: [B, T] slots;
+    rows: [B] the cache row of each batch row. Writes to rows >= Bc or slots past the end of
+    the cache are dropped (they only ever hold padding).
     """
     b, t = positions.shape
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    rows = jnp.broadcast_to(rows[:, None], (b, t))
     layer_idx = jnp.broadcast_to(layer, (b, t))
     if cache.dtype == jnp.uint16:
         new = layers.to_bf16_bits(new)
@@ -100,9 +105,11 @@ def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, positions: j
     return cache.at[layer_idx, rows, :, positions].set(new.astype(cache.dtype), mode="drop")
 
 
-def read_cache(cache: jax.Array, layer: jax.Array, kv_len: int, dtype) -> jax.Array:
-    """The first `kv_len` slots of one layer, [B, K, kv_len, Dh] in `dtype`."""
-    return layers.from_bf16_bits(cache[layer, :, :, :kv_len]).astype(dtype)
+def read_cache(cache: jax.Array, layer: jax.Array, kv_len: int, dtype, rows) -> jax.Array:
+    """The first `kv_len` slots of one layer's cache rows `rows` [B] (clipped to the cache),
+    [B, K, kv_len, Dh] in `dtype`."""
+    rows = jnp.minimum(rows, cache.shape[1] - 1)
+    return layers.from_bf16_bits(cache[layer, rows, :, :kv_len]).astype(dtype)
 
 
 class Attention(hk.Module):
@@ -127,8 +134,9 @@ class Attention(hk.Module):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
 
         cache: None (keys are this call's tokens, S = T) or a tuple
-        (k_cache [L, B, K, Sc, Dh], v_cache, layer, kv_len) where kv_len is the static number of
-        leading slots to attend over (S = kv_len). stacked: None or `layers.Stacked` holding
+        (k_cache [L, Bc, K, Sc, Dh], v_cache, layer, kv_len, rows) where kv_len is the static
+        number of leading slots to attend over (S = kv_len) and rows [B] the cache row of each
+        batch row. stacked: None or `layers.Stacked` holding
         some of this module's matrices whole (the CPU kernel path of `Grok1.apply`).
         Returns (out [B, T, D], (k_cache, v_cache)).
         """
@@ -158,16 +166,16 @@ class Attention(hk.Module):
         v = v.reshape(b, t, c.num_kv_heads, c.key_size)
         new_cache = cached = None
         if cache is not None:
-            k_cache, v_cache, layer, kv_len = cache
-            k_cache = write_cache(k_cache, k, layer, positions)
-            v_cache = write_cache(v_cache, v, layer, positions)
+            k_cache, v_cache, layer, kv_len, rows = cache
+            k_cache = write_cache(k_cache, k, layer, positions, rows)
+            v_cache = write_cache(v_cache, v, layer, positions, rows)
             new_cache = (k_cache, v_cache)
             if CachedLayer.applies(k_cache, b * t, stacked):
-                cached = CachedLayer(k_cache, v_cache, layer, kv_len)
+                cached = CachedLayer(k_cache, v_cache, layer, kv_len, rows)
                 k = v = None
             else:
-                k = read_cache(k_cache, layer, kv_len, dtype)
-                v = read_cache(v_cache, layer, kv_len, dtype)
+                k = read_cache(k_cache, layer, kv_len, dtype, rows)
+                v = read_cache(v_cache, layer, kv_len, dtype, rows)
         else:  # the keys are this call's tokens
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         o = attend(q, k, v, mask, c, cached)

@@ -180,3 +180,44 @@ def broadcast_prompts(obj):
         buf[:] = np.frombuffer(data, np.uint8)
     buf = multihost_utils.broadcast_one_to_all(buf, is_source=primary)
     return json.loads(np.asarray(buf, np.uint8).tobytes().decode())
+
+
+class Channel:
+    """Messages from process 0 to every other process, in order, through the key-value store of
+    JAX's coordination service (no device, no collective: a receiver may wait idle for hours).
+
+    Process 0 calls `publish(obj)` once per message; every other process calls `receive()` as
+    many times, getting the messages in the order they were published. `obj` must be
+    JSON-serialisable. The store keeps the last `KEEP` messages, so a receiver may lag that far.
+    """
+
+    KEEP = 256
+    POLL_MS = 10_000
+
+    def __init__(self, name: str):
+        from jax._src import distributed as jax_distributed
+
+        self._client = jax_distributed.global_state.client
+        if self._client is None:
+            raise DistributedError("a Channel needs jax.distributed to be initialised")
+        self._name = name
+        self._next = 0
+
+    def publish(self, obj) -> None:
+        self._client.key_value_set(f"{self._name}/{self._next}", json.dumps(obj))
+        old = self._next - self.KEEP
+        if old >= 0:
+            self._client.key_value_delete(f"{self._name}/{old}")
+        self._next += 1
+
+    def receive(self):
+        key = f"{self._name}/{self._next}"
+        while True:
+            try:
+                value = self._client.blocking_key_value_get(key, self.POLL_MS)
+                break
+            except Exception as e:  # the runtime's timeout; anything else is fatal
+                if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
+                    raise
+        self._next += 1
+        return json.loads(value)

@@ -1,28 +1,63 @@
-"""The inference engine: bucketed and chunked prefill, a donated jitted decode loop, batch slots
-that free themselves when a request stops, streaming, and scoring.
+"""The engine: one scheduler that serves requests submitted from any thread, with continuous
+batching over a fixed number of KV-cache rows (slots).
 
-Shapes: B batch slots, M prefill chunk (a power of two up to `max_bucket`), S cache capacity,
-V vocab, N max new tokens.
+    engine = Engine(grok, params, tokenizer=tok)
+    handle = engine.submit(Request(prompt=(5, 6, 7), max_new_tokens=32))
+    for event in handle: ...            # or handle.result()
 
-Flow of `Engine.run`: requests wait in a queue; free slots are filled by prefilling the waiting
-prompts (all together when the batch starts, one by one afterwards) into their cache rows; then
-`_decode` runs decode steps inside one `lax.while_loop` until some row stops (or, when streaming,
-for one step), the host collects finished rows and refills their slots.
+Each scheduling step, on the scheduler thread:
+  1. takes in what arrived (new requests, cancellations); on multi-process runs process 0 sends
+     it to the others, which run the same steps (`follow`), so every process runs the same
+     programs in the same order;
+  2. admits waiting requests into free slots;
+  3. prefills one chunk (at most `max_bucket` tokens per row, rows packed up to `max_bucket`
+     tokens in all): a long prompt takes several steps, interleaved with decoding; a request whose
+     prompt is done samples its first token and joins the decoding rows;
+  4. decodes up to `horizon` tokens for every decoding row in one compiled loop (ending early
+     when a row finishes and requests wait for a slot), then hands each request its new tokens.
+A request waits at most one horizon for its prefill to start.
+
+Shapes: B slots, P rows of a prefill chunk, M tokens per row of a chunk (a power of two up to
+`max_bucket`), S attended key slots (a power of two up to the capacity), V vocabulary.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
-import functools
-from collections.abc import Iterator, Sequence
+import itertools
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from grok1 import sampling
-from grok1.cache import KVCache, insert_row
+from grok1.cache import KVCache
 from grok1.model import Grok1
+from grok1.requests import (
+    MAX_LOGPROBS,
+    MAX_STOP_IDS,
+    EngineDead,
+    EngineError,
+    Event,
+    Handle,
+    QueueFull,
+    Request,
+    RequestError,
+    Result,
+    TextTracker,
+)
+from grok1.steps import DecodeState, Steps
+
+__all__ = [
+    "MAX_LOGPROBS", "Engine", "EngineDead", "EngineError", "Event", "Handle", "QueueFull",
+    "Request", "RequestError", "Result", "bucket", "to_host",
+]  # fmt: skip
 
 MIN_BUCKET = 16
 
@@ -43,418 +78,678 @@ def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     return min(b, cap)
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One prompt and how to continue it.
-
-    Attributes:
-      prompt: token ids (non-empty).
-      max_new_tokens: upper bound on returned tokens.
-      sampling: temperature, top-p/k, min-p, repetition penalty, seed.
-      stop_ids: ids that end generation (excluded from the result); EOS is added unless
-        `ignore_eos`.
-      stop_strings: texts that end generation (needs a tokenizer); the result ends before them.
-      ignore_eos: never stop at EOS (the release's behaviour).
-    """
-
-    prompt: tuple
-    max_new_tokens: int
-    sampling: sampling.SamplingParams = sampling.SamplingParams()
-    stop_ids: tuple = ()
-    stop_strings: tuple = ()
-    ignore_eos: bool = False
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclasses.dataclass
-class Result:
-    tokens: list
-    logprobs: list
-    finish_reason: str  # "stop" (EOS, stop id or string) or "length"
-    top_logprobs: list | None = None
+class _Job:
+    """The scheduler's record of one request (on every process; `handle` on process 0 only)."""
+
+    id: int
+    request: Request
+    handle: Handle | None
+    stops: frozenset  # stop ids, EOS included unless ignored
+    text: TextTracker | None
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    decoding: bool = False
+    generated: int = 0
+    prompt_logprobs: list = dataclasses.field(default_factory=list)
+    prompt_top: list = dataclasses.field(default_factory=list)
+    sent_prompt: bool = False
+
+    @property
+    def wants_top(self) -> int:
+        return self.request.sampling.logprobs
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    last: jax.Array  # [B] int32: the token to feed next
-    steps: jax.Array  # [B] int32: tokens generated so far (also the sampling step)
-    budget: jax.Array  # [B] int32: max new tokens
-    active: jax.Array  # [B] bool
-    stop_ids: jax.Array  # [B, P] int32, -1 padded
-    out: jax.Array  # [B, N] int32 generated tokens
-    logprobs: jax.Array  # [B, N] f32 log-probabilities of the generated tokens
-    seen: jax.Array | None  # [B, V] bool for the repetition penalty, or None
-    top_vals: jax.Array | None = None  # [B, N, K] f32 top-K log-probabilities per step
-    top_ids: jax.Array | None = None  # [B, N, K] int32 their token ids
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # stop scheduler threads before the interpreter tears down
+    for engine in list(_ENGINES):
+        engine.close()
 
 
 class Engine:
-    """Generation over a loaded model. Not thread-safe: one `run` at a time."""
+    """Continuous batching over `max_slots` KV-cache rows; see the module docstring.
+
+    Args:
+      grok, params: the model and its parameters.
+      max_slots: requests decoded together (rounded up to a multiple of `slot_multiple`).
+      max_bucket: largest prefill chunk per row, and the prefill tokens of one step in all (a
+        power of two).
+      horizon: decode steps between two admissions.
+      max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond.
+      cache_len: context capacity (default: the config's sequence_len).
+      shardings: optional placement hooks (`grok1.api`): `cache(KVCache) -> shardings`.
+      tokenizer: for text (events' `text`) and stop strings.
+      slot_multiple: the mesh's data-axis size (rows are split over it).
+    """
 
     def __init__(
         self,
         grok: Grok1,
         params,
         *,
+        max_slots: int = 8,
         max_bucket: int = 1024,
+        horizon: int = 8,
+        max_queue: int = 256,
         cache_len: int | None = None,
         shardings=None,
+        tokenizer=None,
+        slot_multiple: int = 1,
     ):
-        self.grok, self.params, self.config = grok, params, grok.config
+        for name, value in (("max_slots", max_slots), ("horizon", horizon),
+                            ("max_queue", max_queue)):  # fmt: skip
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if max_bucket < 1 or max_bucket & (max_bucket - 1):
             raise ValueError(f"max_bucket must be a power of two, got {max_bucket}")
+        self.grok, self.params, self.config = grok, params, grok.config
         self.capacity = int(cache_len or self.config.sequence_len)
-        self.max_bucket = min(max_bucket, self.capacity)
-        self.shardings = shardings  # optional grok1.api hooks: cache / batch shardings
-        self._chunk = jax.jit(self._chunk_fn, static_argnames="kv_len", donate_argnames="cache")
-        self._decode = jax.jit(
-            self._decode_fn,
-            static_argnames=("kv_len", "n_steps", "until_first_stop"),
-            donate_argnames=("cache", "state"),
-        )
-        self._insert = jax.jit(insert_row, donate_argnames="cache")
-        self._accept_jit = jax.jit(self._accept)
+        self.max_bucket = min(max_bucket, _pow2(self.capacity))
+        self.max_slots = max_slots + (-max_slots) % slot_multiple
+        self.slot_multiple = slot_multiple
+        self.horizon, self.max_queue = horizon, max_queue
+        self.shardings = shardings
+        self.tokenizer = tokenizer
+        self.steps = Steps(grok)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted and not yet admitted nor cancelled
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._channel = None
+        self._device = None  # (cache, decode state, sampling params), made on first use
+        self._jobs: dict[int, _Job] = {}
+        self._waiting: deque[_Job] = deque()
+        self._slots: list[_Job | None] = [None] * self.max_slots
+        _ENGINES.add(self)
 
-    # -- compiled pieces ----------------------------------------------------------------------
-    @functools.cached_property
-    def table(self) -> jax.Array:
-        """`Grok1.embedding_table(params)` (bf16(E) in bf16 mode), computed once and read by every
-        program of this engine. Converted inside each call instead, a one-step decode call (a
-        streamed token) converted the whole float32 table for one token."""
-        return jax.jit(self.grok.embedding_table)(self.params)
+    # -- the caller's side -----------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Whether requests can be submitted (not closed, scheduler not dead)."""
+        return not self._closed and self._error is None
 
-    def _chunk_fn(self, params, cache: KVCache, tokens, n_new, kv_len: int, table):
-        """Appends `tokens` [B, M] (the first n_new [B] real) to the cache.
+    def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Queues a request (from any thread) and returns its handle; see the module docstring.
 
-        table: `Engine.table` (or its abstract value, to compile without weights).
-        Returns (logits [B, V] f32 at each row's last real token of the chunk, cache).
+        Raises RequestError (invalid request), QueueFull, EngineDead. `on_event` is called on the
+        scheduler thread with each of the request's events, in order.
         """
-        m = tokens.shape[1]
-        positions = cache.lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None]
-        new_lengths = cache.lengths + n_new
-        mask = cache.attention_mask(positions, new_lengths, kv_len)
-        out_index = jnp.clip(n_new - 1, 0, m - 1)[:, None]
-        logits, (k, v) = self.grok.apply(
-            params, tokens, positions, mask, (cache.k, cache.v), kv_len, out_index, table
-        )
-        cache = KVCache(k=k, v=v, lengths=new_lengths)
-        return logits[:, 0].astype(jnp.float32), cache
+        self.check(request)
+        with self._lock:
+            self._check_alive()
+            if self._pending >= self.max_queue:
+                raise QueueFull(
+                    f"{self._pending} requests are already waiting (max_queue={self.max_queue})"
+                )
+            self._pending += 1
+            handle = Handle(next(self._ids), request, on_event, self._cancel)
+            self._start()
+        self._inbox.put(("submit", handle))
+        return handle
 
-    def _decode_fn(
-        self, params, cache, state: DecodeState, sp, kv_len, n_steps, until_first_stop, table
-    ):
-        """Runs up to n_steps decode steps in a while loop; stops early once any active row
-        stops if `until_first_stop`. table: as for `_chunk_fn`."""
-
-        def cond(carry):
-            i, _, st, stopped = carry
-            go = (i < n_steps) & jnp.any(st.active)
-            return go & ~stopped if until_first_stop else go
-
-        def body(carry):
-            i, cache, st, _ = carry
-            logits, cache = self._chunk_fn(
-                params, cache, st.last[:, None], st.active.astype(jnp.int32), kv_len, table
+    def check(self, request: Request) -> None:
+        """Raises RequestError unless the engine can serve `request`."""
+        n, new = len(request.prompt), request.max_new_tokens
+        if n == 0:
+            raise RequestError("empty prompt: give at least one token", "prompt")
+        vocab = self.config.vocab_size
+        for t in request.prompt:
+            if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise RequestError(
+                    f"token id {t!r} in the prompt is not an id of the vocabulary [0, {vocab})",
+                    "prompt",
+                )
+        if not isinstance(new, int | np.integer) or new < 0:
+            raise RequestError(f"max_new_tokens must be an int >= 0, got {new!r}", "max_tokens")
+        if n > self.capacity:
+            raise RequestError(
+                f"the prompt has {n} tokens, more than the context of {self.capacity} tokens",
+                "prompt",
             )
-            st, stopped = self._accept(logits, st, sp)
-            return i + 1, cache, st, stopped
+        if n + new > self.capacity:
+            raise RequestError(
+                f"this model's context is {self.capacity} tokens, but {n + new} were requested "
+                f"({n} in the prompt, {new} new); ask for at most {self.capacity - n} new tokens",
+                "max_tokens",
+            )
+        if new == 0 and not request.prompt_logprobs:
+            raise RequestError("max_new_tokens is 0 and no prompt_logprobs: nothing to do",
+                               "max_tokens")  # fmt: skip
+        if len(request.stop_ids) > MAX_STOP_IDS:
+            raise RequestError(f"at most {MAX_STOP_IDS} stop ids, got {len(request.stop_ids)}",
+                               "stop")  # fmt: skip
+        if any(not 0 <= int(t) < vocab for t in request.stop_ids):
+            raise RequestError(f"stop ids must lie in [0, {vocab})", "stop")
+        if request.stop_strings and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer", "stop")
+        if request.sampling.logprobs > MAX_LOGPROBS:
+            raise RequestError(
+                f"logprobs must be at most {MAX_LOGPROBS}, got {request.sampling.logprobs}",
+                "logprobs",
+            )
 
-        carry = (jnp.int32(0), cache, state, jnp.bool_(False))
-        _, cache, state, _ = jax.lax.while_loop(cond, body, carry)
-        return cache, state
+    def stats(self) -> dict:
+        """Queue depth and busy slots, for monitoring."""
+        return {
+            "waiting": self._pending,
+            "running": sum(job is not None for job in self._slots),
+            "max_slots": self.max_slots,
+            "max_queue": self.max_queue,
+            "alive": self.alive,
+        }
 
-    def _accept(self, logits, st: DecodeState, sp):
-        """Samples each active row's next token from logits [B, V] and records it."""
-        tok = sampling.sample(logits, sp, st.steps, st.seen)
-        logp = sampling.token_logprobs(logits, tok)
-        rows = jnp.arange(tok.shape[0])
-        write = jnp.where(st.active, st.steps, st.out.shape[1])  # inactive rows: dropped
-        out = st.out.at[rows, write].set(tok, mode="drop")
-        lps = st.logprobs.at[rows, write].set(logp, mode="drop")
-        steps = st.steps + st.active.astype(jnp.int32)
-        hit_stop = jnp.any(tok[:, None] == st.stop_ids, axis=1)
-        finished = st.active & (hit_stop | (steps >= st.budget))
-        seen = None if st.seen is None else sampling.update_seen_mask(st.seen, tok)
-        top_vals, top_ids = st.top_vals, st.top_ids
-        if top_ids is not None:
-            vals, ids = sampling.top_logprobs(logits, top_ids.shape[2])
-            top_vals = top_vals.at[rows, write].set(vals, mode="drop")
-            top_ids = top_ids.at[rows, write].set(ids, mode="drop")
-        st = DecodeState(
-            last=jnp.where(st.active, tok, st.last),
-            steps=steps,
-            budget=st.budget,
-            active=st.active & ~finished,
-            stop_ids=st.stop_ids,
-            out=out,
-            logprobs=lps,
-            seen=seen,
-            top_vals=top_vals,
-            top_ids=top_ids,
-        )
-        return st, jnp.any(finished)
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compiles the decode program for every attended-slot bucket and the one-row prefill
+        for every chunk size, on the scheduler (every process of a multi-process run)."""
+        done = threading.Event()
+        with self._lock:
+            self._check_alive()
+            self._start()
+        self._inbox.put(("warmup", (progress, done)))
+        while not done.wait(0.1):
+            with self._lock:
+                self._check_alive()
 
-    # -- prefill --------------------------------------------------------------------------------
-    def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]]):
-        """Prefills prompts (one per cache row, all rows starting empty) in chunks of at most
-        `max_bucket` tokens. Returns (logits [B, V] f32 at each prompt's last token, cache)."""
-        lengths = np.array([len(p) for p in prompts])
-        total = int(lengths.max())
-        chunk = bucket(total, self.max_bucket)
-        last = None
-        for start in range(0, total, chunk):
-            n_new = np.clip(lengths - start, 0, chunk).astype(np.int32)
-            toks = np.zeros((len(prompts), chunk), np.int32)
-            for b, p in enumerate(prompts):
-                toks[b, : n_new[b]] = p[start : start + n_new[b]]
-            kv_len = bucket(start + chunk, self.capacity)
-            logits, cache = self._chunk(
-                self.params, cache, jnp.asarray(toks), jnp.asarray(n_new), kv_len=kv_len,
-                table=self.table,
-            )  # fmt: skip
-            ends_here = jnp.asarray((lengths > start) & (lengths <= start + chunk))
-            last = logits if last is None else jnp.where(ends_here[:, None], logits, last)
-        return last, cache
+    def close(self) -> None:
+        """Stops the scheduler; unfinished requests end "cancelled". Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            self._inbox.put(("close", None))
+            thread.join()
+
+    def follow(self) -> None:
+        """Multi-process runs: on processes other than 0, runs the same steps as process 0 until
+        it closes its engine (call instead of submitting)."""
+        if jax.process_index() == 0:
+            raise EngineError("follow() is for processes other than 0; process 0 submits")
+        self._loop()
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDead(f"the engine has stopped: {self._error!r}") from self._error
+        if self._closed:
+            raise EngineDead("the engine is closed")
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="grok1-engine", daemon=True)
+            self._thread.start()
+
+    def _cancel(self, handle: Handle) -> None:
+        self._inbox.put(("cancel", handle))
+
+    # -- the scheduler -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            if jax.process_count() > 1:
+                from grok1.distributed import Channel
+
+                self._channel = Channel("grok1/engine")
+            while True:
+                messages, local = self._intake()
+                if not self._apply(messages, local):
+                    break
+                self._admit()
+                if self._prefill_once() or self._any_decoding():
+                    self._decode_once()
+        except BaseException as e:  # noqa: BLE001 - every failure ends the requests it strands
+            self._error = e
+            self._end_all("error", e)
+            if jax.process_index() != 0:
+                raise
+        else:
+            self._end_all("cancelled")
+
+    def _busy(self) -> bool:
+        return bool(self._waiting) or any(job is not None for job in self._slots)
+
+    def _intake(self) -> tuple[list, dict]:
+        """What arrived since the last step: (plain messages, the local objects they name: the
+        handles of new requests, warm-up callbacks). Blocks while there is nothing to do. On
+        multi-process runs process 0 sends the messages to the others, which have no objects."""
+        if self._channel is not None and jax.process_index() != 0:
+            return self._channel.receive(), {}
+        items = [] if self._busy() else [self._inbox.get()]
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        messages, local = [], {}
+        for kind, payload in items:
+            if kind == "submit":
+                local[payload.id] = payload
+                messages.append(["submit", payload.id, payload.request.to_dict()])
+            elif kind == "cancel":
+                messages.append(["cancel", payload.id])
+            elif kind == "warmup":
+                local["warmup"] = payload
+                messages.append(["warmup"])
+            else:
+                messages.append(["close"])
+        if self._channel is not None:
+            self._channel.publish(messages)
+        return messages, local
+
+    def _apply(self, messages: list, local: dict) -> bool:
+        """Applies the intake; False once the engine is to close."""
+        for message in messages:
+            kind = message[0]
+            if kind == "submit":
+                _, job_id, data = message
+                job = self._new_job(job_id, Request.from_dict(data), local.get(job_id))
+                self._jobs[job_id] = job
+                self._waiting.append(job)
+            elif kind == "cancel":
+                job = self._jobs.get(message[1])
+                if job is not None:
+                    self._finish(job, "cancelled")
+            elif kind == "warmup":
+                progress, done = local.get("warmup", (None, None))
+                self._warmup(progress)
+                if done is not None:
+                    done.set()
+            else:
+                return False
+        return True
+
+    def _new_job(self, job_id: int, request: Request, handle: Handle | None) -> _Job:
+        stops = set(request.stop_ids)
+        if not request.ignore_eos:
+            stops.add(self.config.eos_token)
+        text = None
+        if self.tokenizer is not None:
+            text = TextTracker(self.tokenizer, request.stop_strings)
+        return _Job(job_id, request, handle, frozenset(stops), text)
+
+    def _admit(self) -> None:
+        for slot, job in enumerate(self._slots):
+            if job is None and self._waiting:
+                job = self._waiting.popleft()
+                job.slot = slot
+                self._slots[slot] = job
+                with self._lock:
+                    self._pending -= 1
+
+    def _any_decoding(self) -> bool:
+        return any(job is not None and job.decoding for job in self._slots)
+
+    # -- device state ------------------------------------------------------------------------
+    def _ensure_device(self):
+        if self._device is None:
+            batch = self.max_slots
+            state = DecodeState.zeros(batch, self.config.vocab_size)
+            sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * batch)
+            self._device = [self.new_cache(batch), state, sp]
+        return self._device
 
     def new_cache(self, batch: int) -> KVCache:
+        """An empty KV cache of `batch` rows, placed as the model's mesh wants it."""
         cache = KVCache.zeros(self.config, batch, self.capacity, self.grok.compute_dtype)
         if self.shardings is not None:
             cache = jax.device_put(cache, self.shardings.cache(cache))
         return cache
 
-    # -- the request loop -----------------------------------------------------------------------
-    def check(self, request: Request) -> None:
-        n = len(request.prompt)
-        if n == 0:
-            raise ValueError("empty prompt: give at least one token")
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
-        if n + request.max_new_tokens > self.capacity:
-            raise ValueError(
-                f"prompt of {n} tokens + max_new_tokens {request.max_new_tokens} = "
-                f"{n + request.max_new_tokens} exceeds the context of {self.capacity} tokens; "
-                f"shorten the prompt or ask for at most {self.capacity - n} new tokens"
-            )
-        bad = [t for t in request.prompt if not 0 <= int(t) < self.config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
+    @property
+    def table(self) -> jax.Array:
+        """`Grok1.embedding_table(params)`, computed once and passed to every program."""
+        if not hasattr(self, "_table"):
+            self._table = jax.jit(self.grok.embedding_table)(self.params)
+        return self._table
 
-    def run(
-        self,
-        requests: Sequence[Request],
-        *,
-        max_batch: int = 8,
-        stream: bool = False,
-        stop_check=None,
-        batch_multiple: int = 1,
-    ) -> Iterator:
-        """Serves requests; yields (request index, new token ids, Result or None).
+    # -- public step functions ---------------------------------------------------------------
+    def prefill_chunk(self, cache, slots, starts, tokens, n_new, *, kv_len=None):
+        """Appends tokens [P, M] to cache rows `slots` [P] at positions `starts` [P] (the first
+        n_new [P] of each row are real). Returns (logits [P, V] f32 at each row's last real
+        token, cache). `kv_len` defaults to the bucket holding every row's new length."""
+        tokens = np.asarray(tokens, np.int32)
+        kv_len = kv_len or bucket(int(np.max(starts)) + tokens.shape[1], self.capacity)
+        last, _, cache = self.steps.prefill(
+            self.params, cache, np.asarray(slots, np.int32), np.asarray(starts, np.int32),
+            tokens, np.asarray(n_new, np.int32), np.zeros_like(tokens), kv_len=kv_len,
+            table=self.table,
+        )  # fmt: skip
+        return last, cache
 
-        With `stream`, every decode step yields each active row's new token; otherwise a row is
-        yielded once, when it finishes. `stop_check(index, tokens) -> int | None` may cut a
-        result at a stop string (returns the number of tokens to keep).
-        """
-        for r in requests:
-            self.check(r)
-        if not requests:
+    def score_chunk(self, cache, slots, starts, tokens, targets, n_new, *, kv_len=None, top_k=0):
+        """Like `prefill_chunk`, also scoring: returns (ChunkScores with log p(targets) [P, M]
+        (and the top_k alternatives), cache)."""
+        tokens = np.asarray(tokens, np.int32)
+        kv_len = kv_len or bucket(int(np.max(starts)) + tokens.shape[1], self.capacity)
+        _, scores, cache = self.steps.prefill(
+            self.params, cache, np.asarray(slots, np.int32), np.asarray(starts, np.int32),
+            tokens, np.asarray(n_new, np.int32), np.asarray(targets, np.int32), kv_len=kv_len,
+            table=self.table, scores=True, top_k=top_k,
+        )  # fmt: skip
+        return scores, cache
+
+    def logits_chunk(self, cache, slots, starts, tokens, n_new, *, kv_len=None):
+        """Like `prefill_chunk`, returning the logits [P, M, V] f32 of every position."""
+        tokens = np.asarray(tokens, np.int32)
+        kv_len = kv_len or bucket(int(np.max(starts)) + tokens.shape[1], self.capacity)
+        return self.steps.logits(
+            self.params, cache, np.asarray(slots, np.int32), np.asarray(starts, np.int32),
+            tokens, np.asarray(n_new, np.int32), kv_len=kv_len, table=self.table,
+        )  # fmt: skip
+
+    def decode_steps(self, cache, state, sp, n_steps: int, *, kv_len=None, top_k=0,
+                     stop_early=False):  # fmt: skip
+        """Up to n_steps decode steps of every active row of `state` (a `steps.DecodeState`)
+        with sampling params `sp`. Returns (cache, state, DecodeOutput). `kv_len` defaults to
+        the bucket holding every row's length after n_steps."""
+        if kv_len is None:
+            longest = int(to_host(cache.lengths).max())
+            kv_len = bucket(min(longest + n_steps, self.capacity), self.capacity)
+        return self.steps.decode(
+            self.params, cache, state, sp, jnp.bool_(stop_early), kv_len=kv_len,
+            n_steps=n_steps, top_k=top_k, table=self.table,
+        )  # fmt: skip
+
+    # -- one prefill chunk -------------------------------------------------------------------
+    def _prefill_rows(self) -> tuple[list[_Job], int]:
+        """The rows of the next prefill chunk (in admission order) and its width M."""
+        rows, width = [], 0
+        for job in self._slots:
+            if job is None or job.decoding or job.prefilled >= len(job.request.prompt):
+                continue
+            need = min(len(job.request.prompt) - job.prefilled, self.max_bucket)
+            grown = bucket(max(width, need), self.max_bucket)
+            if rows and self._rows_for(len(rows) + 1) * grown > self.max_bucket:
+                break
+            rows.append(job)
+            width = grown
+        return rows, width
+
+    def _rows_for(self, n: int) -> int:
+        """Rows of a prefill chunk for n requests: a power of two, a multiple of the data axis."""
+        p = _pow2(n)
+        return p + (-p) % self.slot_multiple
+
+    def _prefill_once(self) -> bool:
+        """One prefill chunk, if any row is prefilling; returns whether one ran."""
+        jobs, m = self._prefill_rows()
+        if not jobs:
+            return False
+        cache, state, sp = self._ensure_device()
+        p = self._rows_for(len(jobs))
+        slots = np.full(p, self.max_slots, np.int32)  # padding rows: nowhere
+        starts, n_new = np.zeros(p, np.int32), np.zeros(p, np.int32)
+        tokens, targets = np.zeros((p, m), np.int32), np.zeros((p, m), np.int32)
+        for i, job in enumerate(jobs):
+            prompt = job.request.prompt
+            n = min(len(prompt) - job.prefilled, m)
+            slots[i], starts[i], n_new[i] = job.slot, job.prefilled, n
+            tokens[i, :n] = prompt[job.prefilled : job.prefilled + n]
+            nxt = prompt[job.prefilled + 1 : job.prefilled + n + 1]
+            targets[i, : len(nxt)] = nxt
+        scores = any(job.request.prompt_logprobs for job in jobs)
+        top_k = MAX_LOGPROBS if any(j.request.prompt_logprobs and j.wants_top for j in jobs) else 0
+        kv_len = bucket(int((starts + m).max()), self.capacity)
+        last, chunk_scores, cache = self.steps.prefill(
+            self.params, cache, slots, starts, tokens, n_new, targets, kv_len=kv_len,
+            table=self.table, scores=scores, top_k=top_k,
+        )  # fmt: skip
+        self._device[0] = cache
+        if scores:
+            self._collect_prompt_scores(jobs, n_new, chunk_scores)
+        done = []
+        for job, n in zip(jobs, n_new, strict=False):
+            job.prefilled += int(n)
+            if job.prefilled == len(job.request.prompt):
+                done.append(job)
+        if done:
+            self._start_decoding(done, jobs, last)
+        return True
+
+    def _collect_prompt_scores(self, jobs, n_new, scores) -> None:
+        logp = to_host(scores.logprobs)
+        top = None if scores.top_ids is None else (to_host(scores.top_ids),
+                                                   to_host(scores.top_logprobs))  # fmt: skip
+        for i, job in enumerate(jobs):
+            if not job.request.prompt_logprobs:
+                continue
+            # position t of the chunk predicts prompt[start + t + 1], if there is one
+            n = min(int(n_new[i]), len(job.request.prompt) - 1 - job.prefilled)
+            job.prompt_logprobs += logp[i, :n].tolist()
+            if job.wants_top and top is not None:
+                ids, vals = top[0][i, :n, : job.wants_top], top[1][i, :n, : job.wants_top]
+                job.prompt_top += _pairs(ids, vals)
+
+    def _start_decoding(self, done: list[_Job], jobs: list[_Job], last: jax.Array) -> None:
+        """Samples the first token of the requests whose prompt is now in the cache."""
+        for job in done:
+            if job.request.max_new_tokens == 0:
+                self._emit(job, [], [], None, "length", "" if job.text is not None else None)
+        starting = [job for job in done if job.request.max_new_tokens > 0]
+        if not starting:
             return
-        slots = min(max_batch, len(requests))
-        slots += (-slots) % batch_multiple  # a batch the data axis divides (padding rows idle)
-        n_max = max(r.max_new_tokens for r in requests)
-        use_seen = any(r.sampling.repetition_penalty != 1.0 for r in requests)
-        p_max = 1 + max(len(r.stop_ids) for r in requests)
-        cache = self.new_cache(slots)
-        queue = list(range(len(requests)))
-        owner = [-1] * slots
-        first = queue[:slots]
-        del queue[:slots]
-        prompts = [requests[i].prompt for i in first] + [(0,)] * (slots - len(first))
-        logits, cache = self.prefill(cache, prompts)
-        sp = sampling.BatchSamplingParams.stack(
-            [requests[i].sampling for i in first]
-            + [sampling.SamplingParams()] * (slots - len(first))
-        )
-        n_top = max(r.sampling.logprobs for r in requests)
-        state = self._empty_state(slots, n_max, p_max, use_seen, n_top)
-        for slot, i in enumerate(first):
-            owner[slot] = i
-            state = self._admit(state, slot, requests[i], p_max)
-        state, _ = self._accept_jit(logits, state, sp)
-        emitted = [0] * slots
+        index = np.array([jobs.index(job) for job in starting])
+        rows = self._rows_for(len(starting))
+        logits = jnp.asarray(last)[np.pad(index, (0, rows - len(index)))]
+        params = [job.request.sampling for job in starting]
+        params += [sampling.SamplingParams()] * (rows - len(starting))
+        row_sp = sampling.BatchSamplingParams.stack(params)
+        seen = np.zeros((rows, self.config.vocab_size), bool)
+        for i, job in enumerate(starting):
+            seen[i, list(job.request.prompt)] = True
+        top_k = MAX_LOGPROBS if any(job.wants_top for job in starting) else 0
+        picked = self.steps.first_tokens(logits, row_sp, seen, top_k=top_k)
+        tokens, logps = to_host(picked.tokens), to_host(picked.logprobs)
+        top = None if not top_k else (to_host(picked.top_ids), to_host(picked.top_logprobs))
+        slots = np.full(rows, self.max_slots, np.int32)
+        seen = seen.copy()  # the array handed to first_tokens stays as it was
+        active, budget = np.zeros(rows, bool), np.zeros(rows, np.int32)
+        stop_ids = np.full((rows, MAX_STOP_IDS + 1), -1, np.int32)
+        for i, job in enumerate(starting):
+            tok = int(tokens[i])
+            ended = tok in job.stops or job.request.max_new_tokens == 1
+            slots[i], budget[i] = job.slot, job.request.max_new_tokens
+            stop_ids[i, : len(job.stops)] = sorted(job.stops)
+            seen[i, tok] = True
+            job.decoding, job.generated = True, 1
+            active[i] = not self._deliver_tokens(job, [tok], [float(logps[i])],
+                                                 None if top is None else (top[0][i:i + 1],
+                                                                           top[1][i:i + 1]),
+                                                 ended)  # fmt: skip
+        new_rows = DecodeState(
+            last=jnp.asarray(tokens), steps=jnp.ones(rows, jnp.int32), budget=jnp.asarray(budget),
+            active=jnp.asarray(active), stop_ids=jnp.asarray(stop_ids), seen=jnp.asarray(seen),
+        )  # fmt: skip
+        cache, state, sp = self._device
+        state, sp = self.steps.admit(state, sp, slots, new_rows, row_sp)
+        self._device[1:] = [state, sp]
+
+    # -- one decode call ---------------------------------------------------------------------
+    def _decode_once(self) -> None:
+        jobs = [job for job in self._slots if job is not None and job.decoding]
+        if not jobs:
+            return
+        cache, state, sp = self._device
+        longest = max(len(job.request.prompt) + job.generated - 1 for job in jobs)
+        kv_len = bucket(min(longest + self.horizon, self.capacity), self.capacity)
+        top_k = MAX_LOGPROBS if any(job.wants_top for job in jobs) else 0
+        cache, state, out = self.steps.decode(
+            self.params, cache, state, sp, jnp.bool_(bool(self._waiting)), kv_len=kv_len,
+            n_steps=self.horizon, top_k=top_k, table=self.table,
+        )  # fmt: skip
+        self._device = [cache, state, sp]
+        count, tokens = to_host(out.count), to_host(out.tokens)
+        logps, active = to_host(out.logprobs), to_host(state.active)
+        top = None if not top_k else (to_host(out.top_ids), to_host(out.top_logprobs))
+        cut = []
+        for job in jobs:
+            s, n = job.slot, int(count[job.slot])
+            job.generated += n
+            ended = not active[s]
+            row_top = None if top is None else (top[0][s, :n], top[1][s, :n])
+            stopped = self._deliver_tokens(job, tokens[s, :n].tolist(), logps[s, :n].tolist(),
+                                           row_top, ended)  # fmt: skip
+            if stopped and not ended:
+                cut.append(s)
+        if cut:
+            slots = np.full(self._rows_for(len(cut)), self.max_slots, np.int32)
+            slots[: len(cut)] = cut
+            self._device[1] = self.steps.deactivate(self._device[1], slots)
+
+    def _deliver_tokens(self, job: _Job, tokens, logps, top, ended: bool) -> bool:
+        """Hands a decoding job its new tokens; finishes it if `ended` (EOS, a stop id or its
+        budget) or if a stop string appears. Returns whether the job finished."""
+        reason, stop = None, None
+        if ended:
+            if tokens and tokens[-1] in job.stops:
+                reason, stop = "stop", tokens[-1]
+                if not job.request.include_stop_token:
+                    tokens, logps = tokens[:-1], logps[:-1]
+                    top = None if top is None else (top[0][:-1], top[1][:-1])
+            else:
+                reason = "length"
+        pairs = None if top is None else _pairs(top[0][:, : job.wants_top],
+                                                top[1][:, : job.wants_top])  # fmt: skip
+        text = None
+        if job.text is not None:
+            text, hit = job.text.feed(tokens)
+            if hit is not None:
+                string, keep = hit
+                tokens, logps = tokens[:keep], logps[:keep]
+                pairs = None if pairs is None else pairs[:keep]
+                reason, stop = "stop", string
+            elif reason is not None:
+                rest, string = job.text.finish()
+                text += rest
+                if string is not None:
+                    reason, stop = "stop", string
+        self._emit(job, tokens, logps, pairs, reason, text, stop)
+        return reason is not None
+
+    def _emit(self, job, tokens, logps, pairs, reason, text=None, stop=None, error=None) -> None:
+        """Hands one event to the job's handle (process 0) and frees its slot when it ends."""
+        if reason is not None:
+            self._release(job)
+        if job.handle is None:
+            return
+        event = Event(list(map(int, tokens)), [float(x) for x in logps], pairs, text, reason)
+        if not job.sent_prompt:
+            job.sent_prompt = True
+            if job.request.prompt_logprobs:
+                event.prompt_logprobs = job.prompt_logprobs
+                event.prompt_top_logprobs = job.prompt_top if job.wants_top else None
+        job.handle.deliver(event, stop=stop, error=error)
+
+    def _release(self, job: _Job) -> None:
+        if job.slot >= 0 and self._slots[job.slot] is job:
+            self._slots[job.slot] = None
+        self._jobs.pop(job.id, None)
+
+    def _finish(self, job: _Job, reason: str, error: BaseException | None = None) -> None:
+        """Ends a job from outside the decode flow (a cancellation, the engine's end)."""
+        if job in self._waiting:
+            self._waiting.remove(job)
+            with self._lock:
+                self._pending -= 1
+        elif job.decoding and self._device is not None and job.slot >= 0:
+            slots = np.full(self._rows_for(1), self.max_slots, np.int32)
+            slots[0] = job.slot
+            self._device[1] = self.steps.deactivate(self._device[1], slots)
+        text = None
+        if job.text is not None and reason == "cancelled":
+            text, _ = job.text.finish()
+        self._emit(job, [], [], None, reason, text, error=error)
+
+    def _end_all(self, reason: str, error: BaseException | None = None) -> None:
+        for job in list(self._jobs.values()):
+            try:
+                self._finish(job, reason, error)
+            except Exception:  # noqa: BLE001 - the device may be gone: still end the handle
+                if job.handle is not None and not job.handle.done:
+                    job.handle.deliver(Event([], [], finish_reason=reason), error=error)
+        # requests still in the inbox
         while True:
-            steps = to_host(state.steps)
-            active = to_host(state.active)
-            out = None
-            for slot, i in enumerate(owner):
-                if i < 0:
-                    continue
-                done = not active[slot]
-                if not (stream or done or stop_check is not None):
-                    continue
-                if out is None:
-                    out = to_host(state.out)
-                n = int(steps[slot])
-                keep = None if stop_check is None else stop_check(i, out[slot, :n].tolist())
-                if keep is not None:  # a stop string: the result ends before it
-                    result = self._result(requests[i], state, slot, keep=keep)
-                    if not done:
-                        state = self._deactivate(state, slot)
-                    done = True
-                else:
-                    result = self._result(requests[i], state, slot) if done else None
-                limit = len(result.tokens) if done else n
-                new = out[slot, emitted[slot] : limit].tolist()
-                emitted[slot] = max(emitted[slot], limit)
-                if stream or done:
-                    yield i, new, result
-                if done:
-                    owner[slot] = -1
-                    if queue:  # refill the free slot with the next waiting request
-                        j = queue.pop(0)
-                        row_logits, cache = self._prefill_into(cache, slot, requests[j].prompt)
-                        sp = sp.set_row(slot, requests[j].sampling)
-                        state = self._admit(state, slot, requests[j], p_max)
-                        state = self._accept_row(row_logits, state, sp, slot)
-                        owner[slot], emitted[slot] = j, 0
-                        active = to_host(state.active)
-            if not any(i >= 0 for i in owner):
-                return
-            horizon = 1 if stream or stop_check is not None else n_max
-            kv_len = bucket(int(to_host(cache.lengths).max()) + horizon, self.capacity)
-            cache, state = self._decode(
-                self.params,
-                cache,
-                state,
-                sp,
-                kv_len=kv_len,
-                n_steps=horizon,
-                until_first_stop=bool(queue) or stop_check is not None,
-                table=self.table,
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                payload.deliver(Event([], [], finish_reason=reason), error=error)
+            elif kind == "warmup":
+                payload[1].set()
+
+    # -- warm-up -----------------------------------------------------------------------------
+    def _warmup(self, progress) -> None:
+        say = progress or (lambda _: None)
+        cache, state, sp = self._ensure_device()
+        buckets = []
+        b = MIN_BUCKET
+        while True:
+            buckets.append(min(b, self.capacity))
+            if b >= self.capacity:
+                break
+            b *= 2
+        say(f"compiling the decode step for {len(buckets)} context sizes")
+        inactive = dataclasses.replace(state, active=jnp.zeros_like(state.active))
+        for kv_len in buckets:
+            cache, inactive, _ = self.steps.decode(
+                self.params, cache, inactive, sp, jnp.bool_(False), kv_len=kv_len,
+                n_steps=self.horizon, top_k=0, table=self.table,
+            )  # fmt: skip
+        chunks = [m for m in buckets if m <= self.max_bucket]
+        say(f"compiling the prefill step for {len(chunks)} chunk sizes")
+        rows = self._rows_for(1)
+        for m in chunks:
+            zeros = np.zeros((rows, m), np.int32)
+            slots = np.full(rows, self.max_slots, np.int32)
+            flat = np.zeros(rows, np.int32)
+            _, _, cache = self.steps.prefill(
+                self.params, cache, slots, flat, zeros, flat, zeros, kv_len=m, table=self.table
             )
+        logits = jnp.zeros((rows, self.config.vocab_size), jnp.float32)
+        seen = np.zeros((rows, self.config.vocab_size), bool)
+        row_sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * rows)
+        for top_k in (0, MAX_LOGPROBS):
+            self.steps.first_tokens(logits, row_sp, seen, top_k=top_k)
+        # the decode state went through the programs with every row inactive; restore it
+        self._device = [cache, dataclasses.replace(inactive, active=state.active), sp]
+        say("compiled")
 
-    # -- helpers --------------------------------------------------------------------------------
-    def _empty_state(self, slots, n_max, p_max, use_seen, n_top=0) -> DecodeState:
-        z = lambda dtype, *shape: jnp.zeros(shape, dtype)  # noqa: E731
-        return DecodeState(
-            last=z(jnp.int32, slots),
-            steps=z(jnp.int32, slots),
-            budget=z(jnp.int32, slots),
-            active=z(bool, slots),
-            stop_ids=jnp.full((slots, p_max), -1, jnp.int32),
-            out=z(jnp.int32, slots, n_max),
-            logprobs=z(jnp.float32, slots, n_max),
-            seen=z(bool, slots, self.config.vocab_size) if use_seen else None,
-            top_vals=z(jnp.float32, slots, n_max, n_top) if n_top else None,
-            top_ids=z(jnp.int32, slots, n_max, n_top) if n_top else None,
-        )
 
-    def _admit(self, state: DecodeState, slot: int, r: Request, p_max: int) -> DecodeState:
-        stops = list(r.stop_ids) + ([] if r.ignore_eos else [self.config.eos_token])
-        stops = np.array((stops + [-1] * p_max)[:p_max], np.int32)
-        seen = state.seen
-        if seen is not None:
-            row = np.zeros(self.config.vocab_size, bool)
-            row[list(r.prompt)] = True
-            seen = seen.at[slot].set(jnp.asarray(row))
-        return dataclasses.replace(
-            state,
-            steps=state.steps.at[slot].set(0),
-            budget=state.budget.at[slot].set(r.max_new_tokens),
-            active=state.active.at[slot].set(True),
-            stop_ids=state.stop_ids.at[slot].set(jnp.asarray(stops)),
-            seen=seen,
-        )
+def _pairs(ids: np.ndarray, vals: np.ndarray) -> list:
+    """[[(id, logprob), ...] per position] from [N, k] arrays."""
+    return [
+        list(zip(map(int, i), map(float, v), strict=True))
+        for i, v in zip(ids.tolist(), vals.tolist(), strict=True)
+    ]
 
-    def _deactivate(self, state, slot):
-        return dataclasses.replace(state, active=state.active.at[slot].set(False))
 
-    def _accept_row(self, logits_row, state, sp, slot):
-        """Accepts the first token of a request admitted into `slot` (others untouched)."""
-        only = jnp.zeros_like(state.active).at[slot].set(True)
-        masked = dataclasses.replace(state, active=state.active & only)
-        new, _ = self._accept_jit(
-            jnp.broadcast_to(logits_row, (state.active.shape[0], logits_row.shape[-1])), masked, sp
-        )
-        keep = lambda a, b: jnp.where(  # noqa: E731
-            only.reshape((-1,) + (1,) * (a.ndim - 1)), a, b
-        )
-        merged = jax.tree.map(keep, new, state)
-        return merged
-
-    def _prefill_into(self, cache, slot, prompt):
-        row = self.new_cache(1)
-        logits, row = self.prefill(row, [prompt])
-        return logits[0], self._insert(cache, row, jnp.int32(slot))
-
-    def _result(self, r: Request, state, slot, keep=None) -> Result:
-        n = int(to_host(state.steps)[slot])
-        toks = to_host(state.out)[slot, :n].tolist()
-        lps = to_host(state.logprobs)[slot, :n].tolist()
-        stops = set(r.stop_ids) | (set() if r.ignore_eos else {self.config.eos_token})
-        top = None
-        if r.sampling.logprobs:
-            k = r.sampling.logprobs
-            ids = to_host(state.top_ids)[slot, :n, :k].tolist()
-            vals = to_host(state.top_vals)[slot, :n, :k].tolist()
-            top = [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)]
-        if keep is None and toks and toks[-1] in stops:
-            keep, reason = n - 1, "stop"
-        else:
-            reason = "length" if keep is None else "stop"
-        keep = n if keep is None else keep
-        top = None if top is None else top[:keep]
-        return Result(toks[:keep], lps[:keep], reason, top)
-
-    # -- scoring --------------------------------------------------------------------------------
-    @functools.cached_property
-    def _score_chunk(self):
-        def fn(params, cache, tokens, targets, n_new, kv_len, table):
-            m = tokens.shape[1]
-            positions = cache.lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None]
-            new_lengths = cache.lengths + n_new
-            mask = cache.attention_mask(positions, new_lengths, kv_len)
-            logits, (k, v) = self.grok.apply(
-                params, tokens, positions, mask, (cache.k, cache.v), kv_len, table=table
-            )
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            picked = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
-            return picked, KVCache(k=k, v=v, lengths=new_lengths)
-
-        return jax.jit(fn, static_argnames="kv_len", donate_argnames="cache")
-
-    def score(self, sequences: Sequence[Sequence[int]], chunk: int = 256) -> list[np.ndarray]:
-        """log p(x_t | x_<t) for t >= 1 of each sequence ([len - 1] float32 each), computed in
-        chunks so that at most [B, chunk, V] logits exist at once."""
-        lengths = np.array([len(s) for s in sequences])
-        if (lengths < 2).any():
-            raise ValueError("each scored sequence needs at least 2 tokens")
-        if lengths.max() > self.capacity:
-            raise ValueError(
-                f"sequence of {lengths.max()} tokens exceeds the context {self.capacity}"
-            )
-        chunk = bucket(min(chunk, int(lengths.max())), self.max_bucket)
-        cache = self.new_cache(len(sequences))
-        total = int(lengths.max()) - 1
-        out = np.zeros((len(sequences), total), np.float32)
-        for start in range(0, total, chunk):
-            n_new = np.clip(lengths - 1 - start, 0, chunk).astype(np.int32)
-            toks = np.zeros((len(sequences), chunk), np.int32)
-            tgts = np.zeros_like(toks)
-            for b, s in enumerate(sequences):
-                toks[b, : n_new[b]] = s[start : start + n_new[b]]
-                tgts[b, : n_new[b]] = s[start + 1 : start + 1 + n_new[b]]
-            kv_len = bucket(start + chunk, self.capacity)
-            picked, cache = self._score_chunk(
-                self.params,
-                cache,
-                jnp.asarray(toks),
-                jnp.asarray(tgts),
-                jnp.asarray(n_new),
-                kv_len=kv_len,
-                table=self.table,
-            )
-            width = min(chunk, total - start)
-            out[:, start : start + width] = to_host(picked)[:, :width]
-        return [out[b, : lengths[b] - 1] for b in range(len(sequences))]
+def run_all(engine: Engine, requests: Sequence[Request], max_batch: int | None = None) -> list:
+    """Submits `requests` (at most `max_batch` in flight at once) and waits for their results, in
+    order. A KeyboardInterrupt cancels the requests still running and propagates."""
+    limit = max(1, min(max_batch or engine.max_slots, engine.max_queue))
+    handles: list[Handle] = []
+    results: list[Result | None] = [None] * len(requests)
+    try:
+        for i, request in enumerate(requests):
+            if i >= limit:
+                results[i - limit] = handles[i - limit].result()
+            handles.append(engine.submit(request))
+        for i in range(max(0, len(requests) - limit), len(requests)):
+            results[i] = handles[i].result()
+    finally:
+        for handle in handles:
+            handle.cancel()
+    for result in results:
+        if result.finish_reason == "error":
+            raise EngineDead(f"the engine failed: {result.error!r}") from result.error
+    return results

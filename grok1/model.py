@@ -317,7 +317,7 @@ class Grok1:
 
     def _forward(
         self, tokens, positions, mask, cache=None, kv_len=None, out_index=None, stacked=None,
-        table=None,
+        table=None, rows=None,
     ):  # fmt: skip
         c, dtype = self.config, self.compute_dtype
         embed = Embedding(c, name="embed")()  # bf16(E) in bf16 mode, also for the tied output
@@ -329,7 +329,7 @@ class Grok1:
 
         def body(carry, layer_idx):
             h, kv = carry
-            layer_cache = None if kv is None else (*kv, layer_idx, kv_len)
+            layer_cache = None if kv is None else (*kv, layer_idx, kv_len, rows)
             whole = None if stacked is None else layers.Stacked(stacked, layer_idx)
             layer = DecoderLayer(
                 c, self.formats, self.moe_strategy, dtype, self.rounding, self.expert_mesh
@@ -338,6 +338,8 @@ class Grok1:
             return (h, kv), None
 
         stack = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name="layers")
+        if cache is not None and rows is None:
+            rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
         (h, cache), _ = stack(body)((h, cache), jnp.arange(c.num_layers))
         if out_index is not None:  # [B, P]: only these positions reach the unembedding
             h = jnp.take_along_axis(h, out_index[:, :, None], axis=1)
@@ -353,8 +355,9 @@ class Grok1:
         return hk.without_apply_rng(hk.transform(lambda *args: _Root(self)(*args)))
 
     def apply(
-        self, params, tokens, positions, mask, cache=None, kv_len=None, out_index=None, table=None
-    ):
+        self, params, tokens, positions, mask, cache=None, kv_len=None, out_index=None, table=None,
+        rows=None,
+    ):  # fmt: skip
         """Runs the model.
 
         tokens, positions: [B, T] int32; mask: [B, T, S] bool (query t may attend key slot s).
@@ -362,6 +365,8 @@ class Grok1:
         keys/values are written at slots `positions`, and the first `kv_len` (static) slots are
         attended (S = kv_len). out_index: optional [B, P] positions whose logits are wanted.
         table: optional `embedding_table(params)`, computed once by the caller.
+        rows: optional [B] int32, the cache row of each batch row (default: row b is cache row
+        b); a row >= the cache's batch writes nothing and reads the last cache row.
         Returns (logits [B, T or P, V] in the compute dtype, updated cache or None).
 
         With the CPU kernel (`kernel_matrices`), those matrices bypass the layer scan's
@@ -373,7 +378,7 @@ class Grok1:
             params = dict(params)
             stacked = {name: params.pop(matrix_module(name)) for name in names}
         return self.transformed().apply(
-            params, tokens, positions, mask, cache, kv_len, out_index, stacked, table
+            params, tokens, positions, mask, cache, kv_len, out_index, stacked, table, rows
         )
 
     def init(self, key, batch: int = 1, length: int = 4):

@@ -91,13 +91,20 @@ def abstract_table(grok: Grok1, params) -> jax.ShapeDtypeStruct:
 
 
 def abstract_step_inputs(mesh, batch: int, tokens: int) -> tuple:
-    """The tokens [B, M] and counts of new tokens [B] of one engine step, batch on "data"."""
+    """The arguments of one engine step (`grok1.steps.Steps.prefill`) after the parameters and
+    the cache: cache rows [B], start positions [B], tokens [B, M], counts of new tokens [B] and
+    targets [B, M], batch on "data"."""
     tokens_sharding = sharding.named(("batch", "layers"), (batch, tokens), mesh, "tokens")
     batch_sharding = sharding.named(("batch",), (batch,), mesh, "batch")
-    return (
-        jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=tokens_sharding),
-        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding),
-    )
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
+    toks = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=tokens_sharding)
+    return rows, rows, toks, rows, toks
+
+
+def lower_step(engine, params, cache, inputs: tuple, kv_len: int, table):
+    """The engine's prefill step lowered for abstract arguments (`abstract_step_inputs`); one
+    token per row is the decode step's forward."""
+    return engine.steps.prefill.lower(params, cache, *inputs, kv_len=kv_len, table=table)
 
 
 def bytes_per_device(tree) -> int:
@@ -177,9 +184,9 @@ def dry_run(
     }
     with mesh:
         for name, m in (("decode", 1), ("prefill", chunk)):
-            toks, n_new = abstract_step_inputs(mesh, batch, m)
+            inputs = abstract_step_inputs(mesh, batch, m)
             t0 = time.perf_counter()
-            lowered = engine._chunk.lower(params, cache, toks, n_new, kv_len=context, table=table)
+            lowered = lower_step(engine, params, cache, inputs, context, table)
             t1 = time.perf_counter()
             compiled = lowered.compile()
             t2 = time.perf_counter()

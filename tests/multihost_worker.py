@@ -79,7 +79,16 @@ def main() -> int:
         lengths = np.load(os.path.join(args.ckpt, "lengths.npy"))
         prompts = [tokens[b, : lengths[b]].tolist() for b in range(len(lengths))]
     prompts = distributed.broadcast_prompts(prompts)
-    out = model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    # process 0 submits, the others run the same steps; one generation, then (with --loop) more
+    out = None
+    if distributed.is_primary():
+        out = model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+        if not args.loop:
+            model.engine.close()
+    else:
+        if args.loop:
+            open(f"{args.out}.{args.process_id}.ready", "w").close()
+        model.engine.follow()
 
     info = {
         "process_id": jax.process_index(),
@@ -96,10 +105,11 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(out, f)
     if args.loop:
-        open(f"{args.out}.{args.process_id}.ready", "w").close()
-        deadline = time.monotonic() + args.loop
-        while time.monotonic() < deadline:  # a peer is killed meanwhile
-            model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+        if distributed.is_primary():
+            open(f"{args.out}.{args.process_id}.ready", "w").close()
+            deadline = time.monotonic() + args.loop
+            while time.monotonic() < deadline:  # a peer is killed meanwhile
+                model.generate(prompts, max_new_tokens=8, ignore_eos=True)
         return 3  # the peer's death went unnoticed
     return 0
 

@@ -1,22 +1,32 @@
 """The engine: cached greedy generation equals the release's runner, chunked prefill, slot refill,
-stop rules, context limits, seeded sampling and scoring."""
+stop rules, context limits, seeded sampling, scoring, and requests from many threads with
+cancellation."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import grok1
+from grok1.engine import Engine, EngineDead, QueueFull, Request, RequestError
+from grok1.sampling import SamplingParams
+from grok1.tokenizer import StreamDecoder
 from tests.conftest import case_file, case_path, golden_model, prompts_of
 
 CASE = "case2_batch3_robust"  # 3 prompts of different lengths
 
 
+def greedy(case=CASE):
+    return case_file(case, "greedy_runner.npy").tolist()
+
+
 def test_greedy_matches_release_runner_alone_and_batched(case):
     model = golden_model(case)
-    expected = case_file(case, "greedy_runner.npy").tolist()
+    expected = greedy(case)
     prompts = prompts_of(case)
     n = len(expected[0])
     assert model.generate(prompts, n, ignore_eos=True) == expected
@@ -24,38 +34,25 @@ def test_greedy_matches_release_runner_alone_and_batched(case):
         assert model.generate([prompt], n, ignore_eos=True) == [want]
 
 
-def test_stream_yields_the_generated_tokens(monkeypatch):
-    """Streaming runs one decode step per call; every call reads the engine's converted
-    embedding table instead of converting the float32 parameter again."""
+def test_stream_yields_the_generated_tokens():
     model = golden_model(CASE)
-    engine = model.engine
-    tables = []
-    for name in ("_chunk", "_decode"):
-        program = getattr(engine, name)
-
-        def spy(*args, _program=program, **kwargs):
-            tables.append(kwargs.get("table"))
-            return _program(*args, **kwargs)
-
-        monkeypatch.setattr(engine, name, spy)
-    prompt = prompts_of(CASE)[1]
-    expected = case_file(CASE, "greedy_runner.npy")[1].tolist()
-    assert list(model.stream(prompt, len(expected), ignore_eos=True)) == expected
-    assert len(tables) >= len(expected)  # a prefill chunk, then a call per streamed step
-    assert all(t is engine.table for t in tables)
+    expected = greedy()[1]
+    assert list(model.stream(prompts_of(CASE)[1], len(expected), ignore_eos=True)) == expected
 
 
 def test_chunked_prefill_equals_unchunked():
     small = grok1.load(case_path(CASE), max_bucket=4)  # 13-token prompt: 4 chunks
-    expected = case_file(CASE, "greedy_runner.npy").tolist()
-    assert small.generate(prompts_of(CASE), 8, ignore_eos=True) == expected
-    seqs = [p + e for p, e in zip(prompts_of(CASE), expected, strict=True)]
-    full = golden_model(CASE).score(seqs)
-    for a, b in zip(small.score(seqs), full, strict=True):
-        assert np.abs(a - b).max() <= 0.25
+    try:
+        assert small.generate(prompts_of(CASE), 8, ignore_eos=True) == greedy()
+        seqs = [p + e for p, e in zip(prompts_of(CASE), greedy(), strict=True)]
+        full = golden_model(CASE).score(seqs)
+        for a, b in zip(small.score(seqs), full, strict=True):
+            assert np.abs(a - b).max() <= 0.25
+    finally:
+        small.engine.close()
 
 
-def test_cached_scores_equal_uncached_forward():
+def test_cached_scores_equal_logits():
     model = golden_model(CASE)
     prompts = prompts_of(CASE)
     scores = model.score(prompts)
@@ -82,20 +79,30 @@ def test_slots_refill_and_results_never_mix():
 def test_stop_ids_and_eos_stop_exactly():
     model = golden_model(CASE)
     prompt = prompts_of(CASE)[0]
-    full = case_file(CASE, "greedy_runner.npy")[0].tolist()  # 217 181 390 224 ...
+    full = greedy()[0]  # 217 181 390 224 ...
     assert model.generate([prompt], 8, stop_ids=[390], ignore_eos=True) == [full[:2]]
     results = model.generate([prompt], 8, stop_ids=[390], return_results=True)
-    assert results[0].finish_reason == "stop" and len(results[0].logprobs) == 2
+    assert results[0].finish_reason == "stop" and results[0].stop == 390
+    assert len(results[0].logprobs) == 2
+    with_stop = model.engine.submit(
+        Request(tuple(prompt), 8, stop_ids=(390,), include_stop_token=True)
+    ).result()
+    assert with_stop.tokens == full[:3] and len(with_stop.logprobs) == 3
     eos_model = grok1.Model(
         dataclasses.replace(model.grok, config=dataclasses.replace(model.config, eos_token=224)),
         model.params,
     )
-    assert eos_model.generate([prompt], 8) == [full[:3]]
-    assert eos_model.generate([prompt], 8, ignore_eos=True) == [full]
+    try:
+        assert eos_model.generate([prompt], 8) == [full[:3]]
+        assert eos_model.generate([prompt], 8, ignore_eos=True) == [full]
+    finally:
+        eos_model.engine.close()
 
 
 class _Chars:
     """A stand-in tokenizer: id i is the character chr(ord('a') + i % 26)."""
+
+    vocab_size = 512
 
     def decode(self, ids):
         return "".join(chr(ord("a") + i % 26) for i in ids)
@@ -103,17 +110,21 @@ class _Chars:
     def encode(self, text):
         return [ord(c) - ord("a") + 26 for c in text]
 
+    def stream_decoder(self):
+        return StreamDecoder(self)
+
 
 def test_stop_strings_stop_before_the_string():
     model = golden_model(CASE)
     model.tokenizer = _Chars()
     try:
         prompt = prompts_of(CASE)[0]
-        full = case_file(CASE, "greedy_runner.npy")[0].tolist()
-        text = _Chars().decode(full)
+        text = _Chars().decode(greedy()[0])
         stop = text[3:5]
-        out = model.generate([prompt], 8, stop=[stop], ignore_eos=True)[0]
-        assert _Chars().decode(out) == text[: text.index(stop)]
+        res = model.generate([prompt], 8, stop=[stop], ignore_eos=True, return_results=True)[0]
+        assert _Chars().decode(res.tokens) == text[: text.index(stop)]
+        assert res.text == text[: text.index(stop)] and res.stop == stop
+        assert res.finish_reason == "stop"
     finally:
         model.tokenizer = None
 
@@ -124,8 +135,10 @@ def test_context_limit_is_exact():
     prompt = prompts_of(CASE)[0]
     out = model.generate([prompt], s - len(prompt), ignore_eos=True)[0]
     assert len(out) == s - len(prompt)
-    with pytest.raises(ValueError, match="exceeds the context"):
+    with pytest.raises(RequestError, match=f"context is {s} tokens.*{len(prompt)} in the prompt"):
         model.generate([prompt], s - len(prompt) + 1)
+    with pytest.raises(RequestError, match="more than the context"):
+        model.generate([list(range(5, 5 + s + 1))], 1)
 
 
 def test_bad_requests_raise_clear_errors():
@@ -138,6 +151,8 @@ def test_bad_requests_raise_clear_errors():
         model.logits(np.array([[5, -1]]))
     with pytest.raises(ValueError, match="needs a tokenizer"):
         model.generate(["hello"], 4)
+    with pytest.raises(RequestError, match="logprobs must be at most"):
+        model.engine.submit(Request((5, 6), 2, SamplingParams(logprobs=21)))
 
 
 def test_seeded_sampling_is_batch_invariant_and_top_k_1_is_greedy():
@@ -148,15 +163,15 @@ def test_seeded_sampling_is_batch_invariant_and_top_k_1_is_greedy():
     batch = model.generate(prompts + [prompts[1]], 6, seed=[1, 7, 3, 7], **kw)
     assert batch[1] == alone and batch[3] == alone
     assert model.generate([prompts[1]], 6, seed=7, **kw)[0] == alone
-    greedy = case_file(CASE, "greedy_runner.npy")[1].tolist()[:6]
-    assert model.generate([prompts[1]], 6, temperature=0.8, top_k=1, ignore_eos=True)[0] == greedy
+    want = greedy()[1][:6]
+    assert model.generate([prompts[1]], 6, temperature=0.8, top_k=1, ignore_eos=True)[0] == want
 
 
 def test_logprobs_of_chosen_tokens_and_top_alternatives():
     model = golden_model(CASE)
     prompt = prompts_of(CASE)[2]
     res = model.generate([prompt], 4, ignore_eos=True, logprobs=3, return_results=True)[0]
-    assert res.tokens == case_file(CASE, "greedy_runner.npy")[2].tolist()[:4]
+    assert res.tokens == greedy()[2][:4]
     assert len(res.top_logprobs) == 4
     seq = list(prompt)
     for tok, lp, top in zip(res.tokens, res.logprobs, res.top_logprobs, strict=True):
@@ -167,3 +182,87 @@ def test_logprobs_of_chosen_tokens_and_top_alternatives():
         assert [i for i, _ in top] == np.argsort(-ref, kind="stable")[:3].tolist()
         assert np.allclose([v for _, v in top], np.sort(ref)[::-1][:3], atol=0.05)
         seq.append(tok)
+
+
+def test_prompt_logprobs_with_one_new_token_equal_score():
+    """What echo + max_tokens 1 scoring reads: every prompt position's log-probability and
+    top-k, then the generated token, all from one request."""
+    model = golden_model(CASE)
+    prompt = prompts_of(CASE)[0]
+    request = Request(tuple(prompt), 1, SamplingParams(logprobs=2), prompt_logprobs=True,
+                      ignore_eos=True)  # fmt: skip
+    res = model.engine.submit(request).result()
+    np.testing.assert_allclose(res.prompt_logprobs, model.score([prompt])[0], atol=0.25)
+    assert len(res.prompt_logprobs) == len(prompt) - 1 == len(res.prompt_top_logprobs)
+    assert all(len(top) == 2 for top in res.prompt_top_logprobs)
+    assert res.tokens == greedy()[0][:1] and res.finish_reason == "length"
+    scored = model.engine.submit(Request(tuple(prompt), 0, prompt_logprobs=True)).result()
+    assert scored.tokens == [] and scored.prompt_logprobs == res.prompt_logprobs
+
+
+def _holding():
+    """An `on_event` callback that holds the scheduler thread at its first event until
+    `release` is set (so that what the test submits meanwhile waits, deterministically)."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(event):
+        if not started.is_set():
+            started.set()
+            release.wait(120)
+
+    return hold, started, release
+
+
+def _wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_requests_from_threads_and_cancellation():
+    """Requests arrive from several threads while another decodes; each gets what it gets
+    alone; a cancelled request ends "cancelled" and frees its slot."""
+    model = golden_model(CASE)
+    engine = model.engine
+    prompts = prompts_of(CASE)
+    alone = [model.generate([p], 10, ignore_eos=True)[0] for p in prompts]
+    hold, started, release = _holding()
+    long = engine.submit(Request(tuple(prompts[0]), 40, ignore_eos=True), on_event=hold)
+    got = [None] * len(prompts)
+
+    def client(i):
+        got[i] = engine.submit(Request(tuple(prompts[i]), 10, ignore_eos=True)).result().tokens
+
+    assert started.wait(120)  # the long request has its first token; the scheduler is held
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: engine.stats()["waiting"] == len(prompts))
+    long.cancel()
+    release.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == alone
+    res = long.result(timeout=60)
+    # it was held at its first token; the step it was in decodes one horizon more at most
+    assert res.finish_reason == "cancelled" and len(res.tokens) <= 1 + engine.horizon
+    _wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+
+
+def test_queue_full_and_closed_engine():
+    model = golden_model(CASE)
+    engine = Engine(model.grok, model.params, max_slots=1, max_queue=1)
+    prompt = tuple(prompts_of(CASE)[0])
+    hold, started, release = _holding()
+    running = engine.submit(Request(prompt, 30, ignore_eos=True), on_event=hold)
+    assert started.wait(120)  # admitted, and the scheduler is held
+    waiting = engine.submit(Request(prompt, 2, ignore_eos=True))
+    with pytest.raises(QueueFull):
+        engine.submit(Request(prompt, 2, ignore_eos=True))
+    release.set()
+    engine.close()
+    assert running.result(timeout=60).finish_reason in ("cancelled", "length")
+    assert waiting.result(timeout=60).finish_reason in ("cancelled", "length")
+    with pytest.raises(EngineDead):
+        engine.submit(Request(prompt, 2))

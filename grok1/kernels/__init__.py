@@ -144,28 +144,37 @@ def q8_matmul(x: jax.Array, q: jax.Array, scales: jax.Array, sel: jax.Array, rou
     return call(x.astype(jnp.float32), q, scales, sel.astype(jnp.int32), rounded=bool(rounded))
 
 
-def attend_scores(q: jax.Array, cache: jax.Array, layer: jax.Array, kv_len: int) -> jax.Array:
-    """`s[b, k, r, j] = q[b, k, r] . K[layer, b, k, j]` for j < kv_len, in float32.
+def _cache_rows(rows, batch: int, cache: jax.Array) -> jax.Array:
+    """The cache row of each of `batch` rows, clipped into the cache (default: the identity)."""
+    if rows is None:
+        return jnp.arange(batch, dtype=jnp.int32)
+    return jnp.minimum(jnp.asarray(rows, jnp.int32), cache.shape[1] - 1)
 
-    q: [B, Kv, R, Dh] (cast to float32); cache: [L, B, Kv, Sc, Dh] uint16 (bf16 bits, see
-    `grok1.cache.storage_dtype`), read in place; layer: int32 scalar; kv_len <= Sc (static).
-    Returns [B, Kv, R, kv_len]. CPU only; call `available()` first.
+
+def attend_scores(q: jax.Array, cache: jax.Array, layer, kv_len: int, rows=None) -> jax.Array:
+    """`s[b, k, r, j] = q[b, k, r] . K[layer, rows[b], k, j]` for j < kv_len, in float32.
+
+    q: [B, Kv, R, Dh] (cast to float32); cache: [L, Bc, Kv, Sc, Dh] uint16 (bf16 bits, see
+    `grok1.cache.storage_dtype`), read in place; layer: int32 scalar; kv_len <= Sc (static);
+    rows: [B] cache rows (clipped to [0, Bc); default: b). Returns [B, Kv, R, kv_len]. CPU only;
+    call `available()` first.
     """
     b, kv, r, _ = q.shape
     call = jax.ffi.ffi_call("grok1_attend_scores", jax.ShapeDtypeStruct((b, kv, r, kv_len), F32))
-    return call(q.astype(F32), cache, jnp.asarray(layer, jnp.int32))
+    return call(q.astype(F32), cache, jnp.asarray(layer, jnp.int32), _cache_rows(rows, b, cache))
 
 
-def attend_values(p: jax.Array, cache: jax.Array, layer: jax.Array) -> jax.Array:
-    """`o[b, k, r] = sum_j p[b, k, r, j] V[layer, b, k, j]` in float32, over j < p.shape[-1].
+def attend_values(p: jax.Array, cache: jax.Array, layer, rows=None) -> jax.Array:
+    """`o[b, k, r] = sum_j p[b, k, r, j] V[layer, rows[b], k, j]` in float32, j < p.shape[-1].
 
-    p: [B, Kv, R, S] (cast to float32); cache: [L, B, Kv, Sc, Dh] uint16 (bf16 bits), read in
-    place, S <= Sc; layer: int32 scalar. Returns [B, Kv, R, Dh]. CPU only.
+    p: [B, Kv, R, S] (cast to float32); cache: [L, Bc, Kv, Sc, Dh] uint16 (bf16 bits), read in
+    place, S <= Sc; layer: int32 scalar; rows as for `attend_scores`. Returns [B, Kv, R, Dh].
+    CPU only.
     """
     b, kv, r, _ = p.shape
     dh = cache.shape[-1]
     call = jax.ffi.ffi_call("grok1_attend_values", jax.ShapeDtypeStruct((b, kv, r, dh), F32))
-    return call(p.astype(F32), cache, jnp.asarray(layer, jnp.int32))
+    return call(p.astype(F32), cache, jnp.asarray(layer, jnp.int32), _cache_rows(rows, b, cache))
 
 
 def dot_rows(x: jax.Array, table: jax.Array) -> jax.Array:

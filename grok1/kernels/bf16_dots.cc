@@ -1,12 +1,12 @@
 // float32 x bfloat16 products over arrays of bf16 stored as uint16 bits, for XLA:CPU (XLA FFI):
 // attention's two products over one layer of the stacked KV cache, and the tied unembedding.
 //
-//   grok1_attend_scores:  s[b, k, r, j] = sum_d q[b, k, r, d] * K[layer, b, k, j, d]
-//   grok1_attend_values:  o[b, k, r, d] = sum_j p[b, k, r, j] * V[layer, b, k, j, d]
+//   grok1_attend_scores:  s[b, k, r, j] = sum_d q[b, k, r, d] * K[layer, rows[b], k, j, d]
+//   grok1_attend_values:  o[b, k, r, d] = sum_j p[b, k, r, j] * V[layer, rows[b], k, j, d]
 //   grok1_dot_rows:       y[r, v]       = sum_d x[r, d] * T[v, d]
 //
-// q, p, s, o, x, y: float32; K, V: the whole cache [L, B, Kv, Sc, Dh] (grok1.cache.storage_dtype);
-// layer: int32 scalar; T: a [V, D] table. j runs over the first S slots, S being the last
+// q, p, s, o, x, y: float32; K, V: the whole cache [L, Bc, Kv, Sc, Dh] (grok1.cache.storage_dtype);
+// layer: int32 scalar; rows: [B] int32, the cache row of each batch row; T: a [V, D] table. j runs over the first S slots, S being the last
 // dimension of s (scores) or of p (values), S <= Sc. Rows r of q and p are the query heads of
 // one KV head for each query token.
 //
@@ -140,24 +140,33 @@ void Values(const float* p, const uint16_t* cached, float* o, int64_t R, int64_t
   }
 }
 
-// Checks shapes: x [B, Kv, R, X], cache [L, B, Kv, Sc, Dh], layer in [0, L), S <= Sc. Fills the
-// sizes and the offset of this layer in the cache.
+// Checks shapes: x [B, Kv, R, X], cache [L, Bc, Kv, Sc, Dh], layer in [0, L), rows [B] in
+// [0, Bc), S <= Sc. Fills the sizes and the offset of this layer in the cache.
 ffi::Error Check(const char* name, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> cd,
-                 ffi::Span<const int64_t> yd, int32_t layer, int64_t S, int64_t* B, int64_t* Kv,
-                 int64_t* R, int64_t* Sc, int64_t* Dh, int64_t* offset) {
+                 ffi::Span<const int64_t> yd, int32_t layer, const int32_t* rows,
+                 ffi::Span<const int64_t> rd, int64_t S, int64_t* B, int64_t* Kv, int64_t* R,
+                 int64_t* Bc, int64_t* Sc, int64_t* Dh, int64_t* offset) {
   const std::string prefix = std::string(name) + ": ";
-  if (xd.size() != 4 || cd.size() != 5 || yd.size() != 4) {
-    return ffi::Error::InvalidArgument(prefix + "expected rank-4 operands and a rank-5 cache");
+  if (xd.size() != 4 || cd.size() != 5 || yd.size() != 4 || rd.size() != 1) {
+    return ffi::Error::InvalidArgument(prefix + "expected rank-4 operands, a rank-5 cache and "
+                                       "rank-1 rows");
   }
-  *B = xd[0], *Kv = xd[1], *R = xd[2], *Sc = cd[3], *Dh = cd[4];
-  if (cd[1] != *B || cd[2] != *Kv || yd[0] != *B || yd[1] != *Kv || yd[2] != *R || S > *Sc) {
+  *B = xd[0], *Kv = xd[1], *R = xd[2], *Bc = cd[1], *Sc = cd[3], *Dh = cd[4];
+  if (rd[0] != *B || cd[2] != *Kv || yd[0] != *B || yd[1] != *Kv || yd[2] != *R || S > *Sc) {
     return ffi::Error::InvalidArgument(prefix + "inconsistent shapes");
   }
   if (layer < 0 || layer >= cd[0]) {
     return ffi::Error::InvalidArgument(prefix + "layer " + std::to_string(layer) +
                                        " is outside [0, " + std::to_string(cd[0]) + ")");
   }
-  *offset = layer * (*B) * (*Kv) * (*Sc) * (*Dh);
+  for (int64_t b = 0; b < *B; ++b) {
+    if (rows[b] < 0 || rows[b] >= *Bc) {
+      return ffi::Error::InvalidArgument(prefix + "rows[" + std::to_string(b) + "] = " +
+                                         std::to_string(rows[b]) + " is outside [0, " +
+                                         std::to_string(*Bc) + ")");
+    }
+  }
+  *offset = layer * (*Bc) * (*Kv) * (*Sc) * (*Dh);
   return ffi::Error::Success();
 }
 
@@ -171,12 +180,15 @@ int64_t ThreadsFor(const ffi::ThreadPool& pool, int64_t bytes) {
 // o [B, Kv, R, Dh].
 template <bool kScores>
 ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::U16> cache,
-                      ffi::BufferR0<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+                      ffi::BufferR0<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                      ffi::ResultBuffer<ffi::F32> out) {
   const char* name = kScores ? "grok1_attend_scores" : "grok1_attend_values";
-  int64_t B, Kv, R, Sc, Dh, offset;
+  int64_t B, Kv, R, Bc, Sc, Dh, offset;
   const int64_t S = (kScores ? out->dimensions() : in.dimensions()).back();
+  const int32_t* row = rows.typed_data();
   if (auto e = Check(name, in.dimensions(), cache.dimensions(), out->dimensions(),
-                     layer.typed_data()[0], S, &B, &Kv, &R, &Sc, &Dh, &offset);
+                     layer.typed_data()[0], row, rows.dimensions(), S, &B, &Kv, &R, &Bc, &Sc,
+                     &Dh, &offset);
       e.failure()) {
     return e;
   }
@@ -184,13 +196,15 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffe
     return ffi::Error::InvalidArgument(std::string(name) + ": the head size is not the cache's");
   }
   const float* x = in.typed_data();
-  const uint16_t* cached = cache.typed_data() + offset;
+  const uint16_t* layer_cache = cache.typed_data() + offset;
   float* y = out->typed_data();
   grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
+    const int64_t b = t / Kv, k = t % Kv;
+    const uint16_t* cached = layer_cache + (row[b] * Kv + k) * Sc * Dh;
     if (kScores) {
-      DotRows(x + t * R * Dh, cached + t * Sc * Dh, y + t * R * S, R, S, Dh, S);
+      DotRows(x + t * R * Dh, cached, y + t * R * S, R, S, Dh, S);
     } else {
-      Values(x + t * R * S, cached + t * Sc * Dh, y + t * R * Dh, R, S, Dh);
+      Values(x + t * R * S, cached, y + t * R * Dh, R, S, Dh);
     }
   });
   return ffi::Error::Success();
@@ -219,13 +233,14 @@ ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-// Both attention products: (in, cache, layer) -> out.
+// Both attention products: (in, cache, layer, rows) -> out.
 #define GROK1_ATTEND_BINDING                 \
   ffi::Ffi::Bind()                           \
       .Ctx<ffi::ThreadPool>()                \
       .Arg<ffi::Buffer<ffi::F32>>()          \
       .Arg<ffi::Buffer<ffi::U16>>()          \
       .Arg<ffi::BufferR0<ffi::S32>>()        \
+      .Arg<ffi::Buffer<ffi::S32>>()          \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendScores, AttendImpl<true>, GROK1_ATTEND_BINDING);
