@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import glob
 import json
@@ -68,82 +69,77 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from grok1 import kernels, moe, sampling  # noqa: E402
 from grok1.config import ModelConfig  # noqa: E402
-from grok1.engine import Engine, Request, bucket  # noqa: E402
+from grok1.engine import Engine, bucket  # noqa: E402
 from grok1.model import ATTN_MATRICES, MOE, ROUNDINGS, Grok1, WeightFormats, param_table  # noqa: E402
 from grok1.plan import abstract_table  # noqa: E402
+from grok1.steps import DecodeState  # noqa: E402
 
 GiB = 1 << 30
 MEM_CONFIG = "bench-cpu-mem"  # bench-cpu's width, as deep as the machine's cache requires
 CONFIGS = (*ModelConfig.PRESETS, MEM_CONFIG)
 
 
-# -- the engine's step functions: bench.py calls the engine only in these three ----------------
-def prefill_program(engine: Engine, batch: int, chunk: int, *, abstract: bool = False):
-    """The engine's prefill chunk compiled for `batch` rows of `chunk` tokens.
-
-    Returns (run, compile seconds); `run(cache, tokens [B, chunk], n_new [B])` appends the tokens
-    to a cache from `engine.new_cache(batch)` and returns (logits [B, V], cache). `abstract`
-    compiles from shapes alone (no weights; `run` is then None).
-    """
-    new_cache = functools.partial(engine.new_cache, batch)
-    cache = jax.eval_shape(new_cache) if abstract else new_cache()
-    tokens = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
-    n_new = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    table = abstract_table(engine.grok, engine.params) if abstract else engine.table
-    jax.block_until_ready(table)  # the engine converts the table once, untimed
-    t0 = time.perf_counter()
-    compiled = engine._chunk.lower(
-        engine.params, cache, tokens, n_new, kv_len=bucket(chunk, engine.capacity), table=table
-    ).compile()
-    seconds = time.perf_counter() - t0
-    if abstract:
-        return None, seconds
-    return (lambda c, t, n: compiled(engine.params, c, t, n, table=table)), seconds
+# -- the engine: bench.py calls it only in these four functions -----------------------------
+def prefill_chunk(engine: Engine, cache, tokens, n_new):
+    """Appends tokens [B, M] (the first n_new [B] of each row real) to the empty rows of `cache`
+    (from `engine.new_cache(B)`): (logits [B, V] at each row's last token, cache)."""
+    batch = tokens.shape[0]
+    rows, starts = np.arange(batch, dtype=np.int32), np.zeros(batch, np.int32)
+    return engine.prefill_chunk(cache, rows, starts, tokens, n_new)
 
 
-def decode_start(engine: Engine, prompts, steps: int, temperature: float, seed: int, *,
-                 abstract: bool = False):  # fmt: skip
-    """Prefills `prompts` (one per row) and accepts each row's first token: (cache, state,
-    sampling) ready for `steps` decode steps with every row active. Row b samples at
-    `temperature` (0: greedy) with seed `seed + b`. `abstract`: their shapes only."""
-    batch = len(prompts)
-    rows = [sampling.SamplingParams(temperature=temperature, seed=seed + b) for b in range(batch)]
-    sp = sampling.BatchSamplingParams.stack(rows)
-    empty = functools.partial(engine._empty_state, batch, steps + 1, 1, False)
-    if abstract:
-        cache = jax.eval_shape(functools.partial(engine.new_cache, batch))
-        return cache, jax.eval_shape(empty), sp
+def decode_start(engine: Engine, prompts, steps: int, temperature: float, seed: int):
+    """Prefills `prompts` (one per row) and samples each row's first token: (cache, state,
+    sampling params) ready for `steps` decode steps with every row active (no stop ids). Row b
+    samples at `temperature` (0: greedy) with seed `seed + b`."""
+    batch, vocab = len(prompts), engine.config.vocab_size
+    sp = sampling.BatchSamplingParams.stack(
+        [sampling.SamplingParams(temperature=temperature, seed=seed + b) for b in range(batch)]
+    )
+    prompts = np.array(prompts, np.int32)
+    tokens = np.zeros((batch, bucket(prompts.shape[1], engine.max_bucket)), np.int32)
+    tokens[:, : prompts.shape[1]] = prompts
     cache = engine.new_cache(batch)
-    logits, cache = engine.prefill(cache, prompts)
-    state = empty()
-    for slot, (p, r) in enumerate(zip(prompts, rows, strict=True)):
-        request = Request(tuple(p), max_new_tokens=steps + 1, sampling=r, ignore_eos=True)
-        state = engine._admit(state, slot, request, 1)
-    state, _ = engine._accept_jit(logits, state, sp)
+    logits, cache = prefill_chunk(engine, cache, tokens, np.full(batch, prompts.shape[1], np.int32))
+    seen = np.zeros((batch, vocab), bool)
+    seen[np.arange(batch)[:, None], prompts] = True
+    first = sampling.sample(logits, sp, jnp.zeros(batch, jnp.int32), jnp.asarray(seen))
+    state = DecodeState.zeros(batch, vocab)
+    state = dataclasses.replace(
+        state, last=first, steps=jnp.ones(batch, jnp.int32),
+        budget=jnp.full(batch, steps + 1, jnp.int32), active=jnp.ones(batch, bool),
+        seen=jnp.asarray(seen).at[jnp.arange(batch), first].set(True),
+    )  # fmt: skip
     return cache, state, sp
 
 
-def decode_program(engine: Engine, cache, state, sp, steps: int, kv_len: int, *,
-                   abstract: bool = False):  # fmt: skip
-    """The engine's decode loop compiled for `steps` steps attending `kv_len` slots.
+def decode_steps(engine: Engine, cache, state, sp, steps: int, kv_len: int):
+    """`steps` decode steps of every row, attending `kv_len` cache slots: (cache, state, tokens
+    [B, steps], new tokens per row [B])."""
+    cache, state, out = engine.decode_steps(cache, state, sp, steps, kv_len=kv_len)
+    return cache, state, out.tokens, out.count
 
-    Returns (run, compile seconds); `run(cache, state, sp)` decodes the steps and returns
-    (cache, state, tokens [B, steps + 1] (the first from `decode_start`), tokens per row [B]).
-    """
-    table = abstract_table(engine.grok, engine.params) if abstract else engine.table
-    jax.block_until_ready(table)
+
+def compile_steps(engine: Engine, batch: int, chunk: int, steps: int, kv_len: int) -> tuple:
+    """Seconds to compile the prefill chunk ([batch, chunk] tokens) and the decode loop (`steps`
+    steps attending `kv_len` slots) from shapes alone, as `grok1.plan` does (no weights)."""
+    params, grok = engine.params, engine.grok
+    cache = jax.eval_shape(functools.partial(engine.new_cache, batch))
+    table = abstract_table(grok, params)
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    toks = jax.ShapeDtypeStruct((batch, chunk), jnp.int32)
     t0 = time.perf_counter()
-    compiled = engine._decode.lower(
-        engine.params, cache, state, sp, kv_len=kv_len, n_steps=steps, until_first_stop=False,
-        table=table,
-    ).compile()  # fmt: skip
-    seconds = time.perf_counter() - t0
-
-    def run(cache, state, sp):
-        cache, state = compiled(engine.params, cache, state, sp, table=table)
-        return cache, state, state.out, state.steps
-
-    return (None if abstract else run), seconds
+    engine.steps.prefill.lower(
+        params, cache, rows, rows, toks, rows, toks, kv_len=chunk, table=table
+    ).compile()
+    t_prefill = time.perf_counter() - t0
+    state = jax.eval_shape(functools.partial(DecodeState.zeros, batch, grok.config.vocab_size))
+    sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * batch)
+    t0 = time.perf_counter()
+    engine.steps.decode.lower(
+        params, cache, state, sp, jnp.bool_(False), kv_len=kv_len, n_steps=steps, table=table
+    ).compile()
+    return t_prefill, time.perf_counter() - t0
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -316,11 +312,11 @@ def count_touched_experts(grok, params, prompts, steps, args) -> dict:
 
     moe.route = recording_route
     try:
-        engine = Engine(grok, params, max_bucket=args.max_bucket, cache_len=args.context)
+        engine = new_engine(grok, params, len(prompts), args)
         start = decode_start(engine, prompts, steps, args.temperature, args.seed)
-        run, _ = decode_program(engine, *start, steps, kv_len_of(engine, args))
+        jax.block_until_ready(start)
         records.clear()  # prefill's decisions are not decode steps
-        _, state, tokens, _ = run(*start)
+        _, state, tokens, _ = decode_steps(engine, *start, steps, kv_len_of(engine, args))
         jax.block_until_ready(state)
     finally:
         moe.route = original
@@ -328,7 +324,7 @@ def count_touched_experts(grok, params, prompts, steps, args) -> dict:
     sets = [frozenset(np.unique(r).tolist()) for r in records]  # step-major, then layer
     distinct = np.array([len(s) for s in sets])
     changed = [sets[i] != sets[i - layers] for i in range(layers, len(sets))]
-    decoded = np.asarray(tokens)[:, 1:]
+    decoded = np.asarray(tokens)
     return {
         "mean": float(distinct.mean()),
         "min": int(distinct.min()),
@@ -442,6 +438,10 @@ def show(d: dict, spec: str = "{:.0f}") -> str:
     return f"{spec.format(d['median'])} [{spec.format(d['min'])}-{spec.format(d['max'])}]"
 
 
+def new_engine(grok, params, batch, args) -> Engine:
+    return Engine(grok, params, max_slots=batch, max_bucket=args.max_bucket, cache_len=args.context)
+
+
 def kv_len_of(engine: Engine, args) -> int:
     return bucket(args.prompt + args.steps + 1, engine.capacity)
 
@@ -455,41 +455,47 @@ def bench_batch(grok, params, batch, args, probe, between=None) -> dict:
     """Compile, then `args.repeats` rounds of: a bandwidth sample, a decode call, a prefill call
     and `between(batch, round)` (e.g. a peer's run). Times in seconds per round."""
     config = grok.config
-    engine = Engine(grok, params, max_bucket=args.max_bucket, cache_len=args.context)
+    engine = new_engine(grok, params, batch, args)
     prompts = random_prompts(config, batch, args.prompt, args.seed)
     kv_len = kv_len_of(engine, args)
     chunk = bucket(args.prompt, engine.max_bucket)
     r = {"batch": batch, "prompt": args.prompt, "steps": args.steps, "kv_len": kv_len}
 
-    prefill, r["compile_prefill_s"] = prefill_program(engine, batch, chunk)
-    start = lambda: decode_start(engine, prompts, args.steps, args.temperature, args.seed)  # noqa: E731
-    decode, r["compile_decode_s"] = decode_program(engine, *start(), args.steps, kv_len)
-    r["first_compile_s"] = r["compile_prefill_s"] + r["compile_decode_s"]
     tokens = np.zeros((batch, chunk), np.int32)
     tokens[:, : args.prompt] = prompts
-    tokens, n_new = jnp.asarray(tokens), jnp.full((batch,), args.prompt, jnp.int32)
+    n_new = np.full(batch, args.prompt, np.int32)
+    start = lambda: decode_start(engine, prompts, args.steps, args.temperature, args.seed)  # noqa: E731
 
-    bw, dec, pre = [], [], []
-    for i in range(args.repeats):
-        bw.append(probe.sample())
+    def timed_decode():
         cache, state, sp = start()
         jax.block_until_ready((cache, state))
         t0 = time.perf_counter()
-        cache, state, _, counts = decode(cache, state, sp)
+        cache, state, _, counts = decode_steps(engine, cache, state, sp, args.steps, kv_len)
         jax.block_until_ready(state)
-        dec.append(time.perf_counter() - t0)
-        if int(np.asarray(counts).min()) != args.steps + 1:
+        seconds = time.perf_counter() - t0
+        if int(np.asarray(counts).min()) != args.steps:
             raise RuntimeError("not every row decoded every step")
-        del cache, state
+        return seconds
+
+    def timed_prefill():
         cache = engine.new_cache(batch)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
-        logits, cache = prefill(cache, tokens, n_new)
+        logits, cache = prefill_chunk(engine, cache, tokens, n_new)
         jax.block_until_ready(logits)
-        pre.append(time.perf_counter() - t0)
-        del cache
+        return time.perf_counter() - t0
+
+    first_prefill, first_decode = timed_prefill(), timed_decode()  # compile + one run each
+    bw, dec, pre = [], [], []
+    for i in range(args.repeats):
+        bw.append(probe.sample())
+        dec.append(timed_decode())
+        pre.append(timed_prefill())
         if between is not None:
             between(batch, i)
+    r["compile_prefill_s"] = first_prefill - statistics.median(pre)
+    r["compile_decode_s"] = first_decode - statistics.median(dec)
+    r["first_compile_s"] = r["compile_prefill_s"] + r["compile_decode_s"]
     r["seconds"] = {"bandwidth_bytes_s": bw, "decode": dec, "prefill": pre}
     r["bandwidth"] = spread(bw)
     r["decode_tok_s"] = spread(sorted(batch * args.steps / t for t in dec))
@@ -517,12 +523,9 @@ def compile_vs_depth(config, depths, batch, args) -> list:
     for n in depths:
         c = with_layers(config, n)
         grok = Grok1(c, WeightFormats.release(c))
-        params = grok.param_shapes()
-        engine = Engine(grok, params, max_bucket=args.max_bucket, cache_len=c.sequence_len)
-        prompts = [[1] * args.prompt] * batch
-        start = decode_start(engine, prompts, 64, args.temperature, 0, abstract=True)
-        _, t_dec = decode_program(engine, *start, 64, c.sequence_len, abstract=True)
-        _, t_pre = prefill_program(engine, batch, min(128, c.sequence_len), abstract=True)
+        engine = Engine(grok, grok.param_shapes(), max_slots=batch, cache_len=c.sequence_len)
+        chunk = min(128, c.sequence_len)  # a prefill chunk, within the cache
+        t_pre, t_dec = compile_steps(engine, batch, chunk, 64, c.sequence_len)
         rows.append({"layers": n, "compile_decode_s": t_dec, "compile_prefill_s": t_pre})
     return rows
 
@@ -590,7 +593,7 @@ def resolve(ap: argparse.ArgumentParser, args, machine: dict) -> tuple[ModelConf
     if args.num_layers is not None:
         config = with_layers(config, args.num_layers)
     args.context = args.context or config.sequence_len
-    if args.context < args.prompt + args.steps + 1:
+    if not args.layers and args.context < args.prompt + args.steps + 1:
         ap.error(f"--context {args.context} cannot hold --prompt + --steps + 1 tokens")
     sizing["num_layers"] = config.num_layers
     sizing["weights_bytes"] = decode_weights(config, args.dtype)
