@@ -486,6 +486,10 @@ def bench_batch(grok, params, batch, args, probe, between=None) -> dict:
         return time.perf_counter() - t0
 
     first_prefill, first_decode = timed_prefill(), timed_decode()  # compile + one run each
+    held = (params, engine.table, jax.eval_shape(functools.partial(engine.new_cache, batch)))
+    r["memory_bytes"] = sum(  # weights, the engine's table, the KV cache
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(held)
+    )
     bw, dec, pre = [], [], []
     for i in range(args.repeats):
         bw.append(probe.sample())

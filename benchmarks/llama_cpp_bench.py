@@ -197,8 +197,10 @@ def main(argv=None) -> int:
         "path crashes on multi-token batches), llama.cpp's default otherwise",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.llama_bench and not os.access(args.llama_bench, os.X_OK):
+        ap.error(f"--llama-bench {args.llama_bench}: not an executable file")
     binary = args.llama_bench or shutil.which("llama-bench")
-    if binary is None or not os.access(binary, os.X_OK):
+    if binary is None:
         print(HOW_TO_GET)
         return 0
     try:
