@@ -101,7 +101,7 @@ def write_gguf(config, path: str, seed: int = 0) -> dict:
         raise SystemExit(f"llama.cpp's grok needs num_q_heads * key_size == emb_size: {hq} != {d}")
     if d % Q8_BLOCK:
         raise SystemExit(f"Q8_0 needs emb_size a multiple of {Q8_BLOCK}, got {d}")
-    name = lambda t, i=None: gguf.TENSOR_NAMES[t].format(bid=i)  # noqa: E731
+    name = lambda t, i=None: gguf.TENSOR_NAMES[t].format(bid=i) + ".weight"  # noqa: E731
     T = gguf.MODEL_TENSOR
     q8 = gguf.GGMLQuantizationType.Q8_0
     sizes = {"embedding": 0, "attention": 0, "router_norms": 0, "experts_all": 0}
@@ -221,6 +221,7 @@ def main(argv=None) -> int:
     try:
         print(f"writing {path} ...", flush=True)
         sizes = write_gguf(config, path, args.seed)
+        llama_bench(binary, path, threads, prompt=8, extra=extra)  # loads it, before our runs
         peer = {"binary": binary, "threads": threads, "extra_args": list(extra),
                 "gguf_bytes": os.path.getsize(path), "tensor_bytes": sizes,
                 "ffn_padded": padded(config.ffn_size), "rounds": []}  # fmt: skip
