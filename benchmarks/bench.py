@@ -390,7 +390,8 @@ class BandwidthProbe:
 
     On the CPU: a read-only buffer of `nbytes` (the weights' size), written once here so that
     every page exists before any timing, read by `threads` threads (NumPy reductions release
-    the GIL), each a contiguous share. On an accelerator, whose weights leave no room for a
+    the GIL; a byte-wise max is one vector instruction per 32 bytes), each a contiguous share.
+    On an accelerator, whose weights leave no room for a
     second copy: the best of a jitted sum and a jitted copy (read + write) of 4 GiB there.
     """
 
@@ -398,7 +399,7 @@ class BandwidthProbe:
         self.on_cpu = jax.devices()[0].platform == "cpu"
         self.threads = max(1, threads)
         if self.on_cpu:
-            self.buffer = np.ones(-(-nbytes // 8), np.uint64)
+            self.buffer = np.ones(nbytes, np.uint8)
             self.shares = np.array_split(self.buffer, self.threads)
             self.pool = concurrent.futures.ThreadPoolExecutor(self.threads)
             self.nbytes = self.buffer.nbytes
@@ -424,7 +425,8 @@ class BandwidthProbe:
 
     def method(self) -> str:
         if self.on_cpu:
-            return f"NumPy max over {self.nbytes / 1e6:.0f} MB read-only, {self.threads} threads"
+            mb = self.nbytes / 1e6
+            return f"NumPy uint8 max over {mb:.0f} MB read-only, {self.threads} threads"
         return "best of a jitted sum and copy of 4 GiB on the device"
 
 
@@ -630,11 +632,14 @@ def print_table(report: dict) -> None:
         )
 
 
-def run(args, ap, between=None, extra: dict | None = None) -> dict:
+def run(args, ap, between=None, extra: dict | None = None, resolved=None) -> dict:
     """Benchmarks per args (from `build_parser`); `between(batch, round)` runs after each
-    round's own measurements. Prints the table, writes --json, returns the report."""
-    machine = machine_info()
-    config, sizing = resolve(ap, args, machine)
+    round's own measurements; `resolved`: (machine_info(), resolve(...)) if already made.
+    Prints the table, writes --json, returns the report."""
+    if resolved is None:
+        machine = machine_info()
+        resolved = machine, resolve(ap, args, machine)
+    machine, (config, sizing) = resolved
     report = {
         "config_name": args.config,
         "config": config.to_dict(),

@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     threads = args.threads or machine["threads"] or 1
     repack = {"auto": "0" if "amx_tile" in machine["isa"] else None}.get(args.repack, args.repack)
     extra = ("--repack", repack) if repack is not None else ()
-    config, _ = bench.resolve(ap, args, machine)
+    config, sizing = bench.resolve(ap, args, machine)
     workdir = None if args.gguf else tempfile.mkdtemp(prefix="grok1-gguf-")
     path = args.gguf or os.path.join(workdir, "bench.gguf")
     json_path, args.json = args.json, None
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
             peer["rounds"].append({"batch": batch, "round": i, "decode_tok_s": tg["samples_ts"][0],
                                    "prompt_tok_s": pp["samples_ts"][0]})  # fmt: skip
 
-        report = bench.run(args, ap, between, extra={"llama_cpp": peer})
+        resolved = machine, (config, sizing)
+        report = bench.run(args, ap, between, extra={"llama_cpp": peer}, resolved=resolved)
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
