@@ -12,7 +12,8 @@ bench-cpu is the small config: cache-resident on a CPU whose last-level cache ho
 the release formats (8 scale groups on `linear` and `down`), on the default JAX device. Per batch
 size it measures:
 
-  * first compile: seconds to compile the engine's prefill chunk and its decode loop;
+  * first compile: the first call of the prefill chunk and of the decode loop, each less its
+    median later call (so mostly compile time; `--layers` times compilation alone);
   * prefill tokens/s: one `--prompt`-token prompt per row through one prefill chunk;
   * decode tokens/s: `--steps` decode steps inside the engine's jitted loop, all rows active,
     compile excluded; tokens = batch x steps. The tokens are sampled at temperature 1 from the
