@@ -72,6 +72,7 @@ from grok1 import kernels, moe, sampling  # noqa: E402
 from grok1.config import ModelConfig  # noqa: E402
 from grok1.engine import Engine, bucket  # noqa: E402
 from grok1.model import ATTN_MATRICES, MOE, ROUNDINGS, Grok1, WeightFormats, param_table  # noqa: E402
+from grok1.numerics import Numerics  # noqa: E402
 from grok1.plan import abstract_table  # noqa: E402
 from grok1.steps import DecodeState  # noqa: E402
 
@@ -306,8 +307,8 @@ def count_touched_experts(grok, params, prompts, steps, args) -> dict:
     records = []
     original = moe.route
 
-    def recording_route(z, router_w, k):
-        gates, idx = original(z, router_w, k)
+    def recording_route(*args, **kwargs):
+        gates, idx = original(*args, **kwargs)
         jax.debug.callback(lambda i: records.append(np.asarray(i)), idx, ordered=True)
         return gates, idx
 
@@ -529,7 +530,7 @@ def compile_vs_depth(config, depths, batch, args) -> list:
     rows = []
     for n in depths:
         c = with_layers(config, n)
-        grok = Grok1(c, WeightFormats.release(c))
+        grok = Grok1(c, WeightFormats.release(c), Numerics.choose(args.dtype, args.rounding))
         engine = Engine(grok, grok.param_shapes(), max_slots=batch, cache_len=c.sequence_len)
         chunk = min(128, c.sequence_len)  # a prefill chunk, within the cache
         t_pre, t_dec = compile_steps(engine, batch, chunk, 64, c.sequence_len)
@@ -664,8 +665,8 @@ def run(args, ap, between=None, extra: dict | None = None, resolved=None) -> dic
             print(f"{row['layers']:>6} {row['compile_decode_s']:>17.2f} "
                   f"{row['compile_prefill_s']:>18.2f}")  # fmt: skip
     else:
-        grok = Grok1(config, WeightFormats.release(config), dtype=args.dtype,
-                     moe_strategy=args.moe, rounding=args.rounding)  # fmt: skip
+        numerics = Numerics.choose(args.dtype, args.rounding)
+        grok = Grok1(config, WeightFormats.release(config), numerics, moe_strategy=args.moe)
         params = jax.jit(grok.init)(jax.random.PRNGKey(args.seed))
         jax.block_until_ready(params)
         probe = BandwidthProbe(sizing["weights_bytes"], machine["threads"] or 1)

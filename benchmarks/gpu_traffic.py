@@ -195,13 +195,15 @@ def compile_step(config, devices, data, batch, context, moe_strategy, target, ro
     from grok1 import plan, sharding
     from grok1.engine import Engine
     from grok1.model import Grok1, WeightFormats
+    from grok1.numerics import Numerics
 
     topology = topologies.get_topology_desc(
         platform="cuda", topology=f"1x1x{devices}", target_config=target
     )
     mesh = sharding.make_mesh({"data": data, "model": devices // data}, topology.devices)
-    grok = Grok1(config, WeightFormats.release(config), moe_strategy=moe_strategy, mesh=mesh,
-                 rounding=rounding)  # fmt: skip
+    numerics = Numerics(rounding=rounding, backend="gpu")
+    grok = Grok1(config, WeightFormats.release(config), numerics, moe_strategy=moe_strategy,
+                 mesh=mesh)  # fmt: skip
     params = plan.abstract_params(config, grok.formats, mesh)
     cache = plan.abstract_cache(config, mesh, batch, context, grok.compute_dtype)
     inputs = plan.abstract_step_inputs(mesh, batch, 1)
@@ -231,7 +233,6 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=5, help="largest movers to list per batch")
     args = ap.parse_args(argv)
 
-    jax.default_backend = lambda: "gpu"  # the model's platform choices are the target's
     config = ModelConfig.preset(args.config)
     if args.num_layers:
         config = dataclasses.replace(config, num_layers=args.num_layers)

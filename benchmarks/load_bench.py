@@ -1,19 +1,19 @@
-"""Checkpoint loading benchmark: load GB/s and peak host memory, release vs converted format.
+"""Checkpoint loading benchmark: load GB/s and peak host memory, release vs safetensors format.
 
     python benchmarks/load_bench.py --gb 2                # writes, converts, measures, cleans up
     python benchmarks/load_bench.py --gb 8 --dir /data/bench --json load.json --keep
 
 Writes a synthetic release checkpoint of about `--gb` GB (a `ModelConfig.scaled` config: D 1024,
 V 32768, int8 matrices with bf16 scales, 8 scale groups on `linear`/`down` like the release,
-random values, written with the release writer), converts it with `safe_format.convert`, then,
-each in a fresh subprocess, loads each format with `load_params` (layer-by-layer placement of
-leaves over 256 MiB, the default, and whole-leaf placement), and reads the same files
-sequentially, through one reused 16 MiB buffer and into fresh arrays that are kept (what a naive
-loader holding the checkpoint in host memory pays for first-touching that memory). Reports GB/s
-(checkpoint bytes on disk / wall time) and the child's peak RSS (`ru_maxrss`) against the
-checkpoint size; RSS includes the loaded parameters themselves when the device is the CPU.
-Before each run it tries to drop the page cache (needs root and a writable /proc/sys); when it
-cannot, every run reads a warm cache and the output says "warm".
+random values, written with the release writer), converts it with `safetensors_format.convert`
+(4 GiB files), then, each in a fresh subprocess, loads each format with `load_params`
+(layer-by-layer placement of leaves over 256 MiB, the default, and whole-leaf placement), and
+reads the same files sequentially, through one reused 16 MiB buffer and into fresh arrays that
+are kept (what a naive loader holding the checkpoint in host memory pays for first-touching that
+memory). Reports GB/s (checkpoint bytes on disk / wall time) and the child's peak RSS
+(`ru_maxrss`) against the checkpoint size; RSS includes the loaded parameters themselves when
+the device is the CPU. Before each run it tries to drop the page cache (needs root and a writable
+/proc/sys); when it cannot, every run reads a warm cache and the output says "warm".
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from grok1.checkpoint import release, safe_format  # noqa: E402
+from grok1.checkpoint import release, safetensors_format  # noqa: E402
+from grok1.checkpoint.tensors import BF16  # noqa: E402
 from grok1.config import ModelConfig  # noqa: E402
 
 READ_BUFFER = 16 << 20
@@ -57,9 +58,7 @@ def random_leaf(config: ModelConfig, path: str, rng: np.random.Generator):
         return rng.standard_normal(shape, np.float32)
     groups = 8 if suffix in ("moe/linear_1/w", "multi_head_attention/linear/w") else 1
     weight = rng.integers(-128, 128, size=shape, dtype=np.int8)
-    scales = (rng.random((*shape[:-2], groups, shape[-1]), np.float32) * 0.02).astype(
-        safe_format.BF16
-    )
+    scales = (rng.random((*shape[:-2], groups, shape[-1]), np.float32) * 0.02).astype(BF16)
     return release.QuantizedWeight8bit(weight, scales)
 
 
@@ -74,7 +73,7 @@ def write_synthetic(directory: str, config: ModelConfig) -> None:
 
 
 def data_files(directory: str) -> list[str]:
-    if safe_format.is_converted(directory):
+    if safetensors_format.is_converted(directory):
         return sorted(os.path.join(directory, n) for n in os.listdir(directory))
     ckpt = os.path.join(directory, release.CKPT_SUBDIR)
     return sorted(os.path.join(ckpt, n) for n in os.listdir(ckpt))
@@ -154,7 +153,7 @@ def run_child(args: list[str]) -> dict:
 def measure(rel: str, conv: str, workers: int, repeat: int) -> tuple[list[dict], str]:
     layered, whole = "load_params (layer-by-layer > 256 MiB)", "load_params (whole leaves)"
     runs = []
-    for fmt, directory in (("release", rel), ("converted", conv)):
+    for fmt, directory in (("release", rel), ("safetensors", conv)):
         runs += [
             (fmt, layered, directory, ["load", directory, str(256 << 20)]),
             (fmt, whole, directory, ["load", directory, str(1 << 60)]),
@@ -214,7 +213,7 @@ def main(argv=None) -> None:
         write_synthetic(rel, config)
         written = time.perf_counter() - start
         start = time.perf_counter()
-        safe_format.convert(rel, conv, config)
+        safetensors_format.convert(rel, conv, config)
         converted = time.perf_counter() - start
         rows, cache = measure(rel, conv, args.workers, args.repeat)
     finally:

@@ -7,20 +7,18 @@ and streams.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator
 
-import jax
 import numpy as np
 
 from grok1 import compile_cache, sharding
-from grok1.cache import CACHE_AXES, KVCache
-from grok1.checkpoint import loader, release
+from grok1.checkpoint import directory, loader
 from grok1.config import ModelConfig
 from grok1.engine import Engine, EngineDead, Request, bucket, run_all, to_host
-from grok1.model import DTYPES, ROUNDINGS, Grok1, param_table
+from grok1.model import Grok1
 from grok1.moe import STRATEGIES
+from grok1.numerics import Numerics
 from grok1.sampling import SamplingParams
 
 
@@ -54,8 +52,7 @@ def check_tokens(tokens, config: ModelConfig) -> np.ndarray:
         _token_ids(row, config.vocab_size, f"tokens[{b}]")
     if arr.shape[1] > config.sequence_len:
         raise ValueError(
-            f"tokens has {arr.shape[1]} positions, more than the context of "
-            f"{config.sequence_len}"
+            f"tokens has {arr.shape[1]} positions, more than the context of {config.sequence_len}"
         )
     return arr.astype(np.int32)
 
@@ -88,10 +85,20 @@ class Model:
             max_slots=max_slots,
             horizon=horizon,
             max_queue=max_queue,
-            shardings=_CacheShardings(mesh, grok.config),
             tokenizer=tokenizer,
             slot_multiple=self._data_size(),
         )
+
+    def close(self) -> None:
+        """Stops the engine's scheduler thread (requests still running end "cancelled"); the
+        parameters stay. `with grok1.load(...) as model:` closes at the end of the block."""
+        self.engine.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):
@@ -272,25 +279,6 @@ class Model:
         return 1 if self.mesh is None else self.mesh.shape["data"]
 
 
-class _CacheShardings:
-    """Shardings of the KV cache on the model's mesh (None: default placement)."""
-
-    def __init__(self, mesh, config: ModelConfig):
-        self.mesh, self.config = mesh, config
-
-    def cache(self, cache: KVCache):
-        if self.mesh is None:
-            return jax.tree.map(lambda _: None, cache)
-        rep = ("kv_heads",) if sharding.kv_replication(self.config, self.mesh) > 1 else ()
-        table = {
-            "k": (cache.k.shape, None, CACHE_AXES),
-            "v": (cache.v.shape, None, CACHE_AXES),
-            "lengths": (cache.lengths.shape, None, ("batch",)),
-        }
-        s = sharding.table_shardings(table, self.mesh, replicate=rep)
-        return KVCache(k=s["k"], v=s["v"], lengths=s["lengths"])
-
-
 def load(
     path: str,
     *,
@@ -306,9 +294,11 @@ def load(
     horizon: int = 8,
     max_queue: int = 256,
     compilation_cache=compile_cache.DEFAULT,
+    cpu_kernels: bool | None = None,
     progress=None,
 ) -> Model:
-    """Loads a release-format checkpoint directory (holding `ckpt-0/`, maybe `config.json`).
+    """Loads a checkpoint directory: the release's `ckpt-0/` or a converted checkpoint's
+    `model.safetensors.index.json` (`grok1-convert`), maybe with `config.json`.
 
     Args:
       path: the directory; `config.json` in it sets the architecture (else the Grok-1 preset).
@@ -331,40 +321,34 @@ def load(
       compilation_cache: directory of JAX's persistent compilation cache (compiled programs are
         reused by the next process); default `$GROK1_COMPILATION_CACHE`, else
         `~/.cache/grok1/jax`; None or "" leaves JAX's setting alone.
+      cpu_kernels: compute every product and row reduction in the native CPU kernels, so that a
+        request's numbers depend on its own tokens only (`grok1.numerics`): None (default)
+        wherever they can run (the CPU, one device, a C++ compiler present), False never, True
+        insists (an error where they cannot run).
       progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
         bytes of each finished read.
     """
-    for name, value, choices in (("dtype", dtype, tuple(DTYPES)), ("rounding", rounding, ROUNDINGS),
-                                 ("moe_strategy", moe_strategy, STRATEGIES)):  # fmt: skip
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if moe_strategy not in STRATEGIES:
+        raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got {moe_strategy!r}")
+    Numerics(dtype, rounding)  # checks both before any file is read
+    config = directory.check(path, config)  # one-line errors naming the path, before any read
     compile_cache.enable(compilation_cache)
-    from grok1.checkpoint import safe_format
-
-    converted = safe_format.is_converted(path)
-    if not converted and not os.path.isdir(os.path.join(path, release.CKPT_SUBDIR)):
-        raise FileNotFoundError(
-            f"no checkpoint at {path!r}: expected a directory holding {release.CKPT_SUBDIR}/ "
-            f"(put the release's ckpt-0/ under checkpoints/, or pass its parent directory)"
-        )
-    config = config or ModelConfig.load(path)
-    shardings = None
     if expert_parallel and mesh is None:
         raise ValueError("expert_parallel=True needs a mesh (e.g. mesh={'data': 1, 'model': 8})")
     if mesh is not None:
         mesh = sharding.make_mesh(mesh)
         sharding.check_mesh(config, mesh, expert_parallel)
-        rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
-        shardings = _param_shardings(path, config, mesh, rules)
-    from grok1 import plan
-
-    plan_mesh = mesh or sharding.make_mesh({"data": 1, "model": 1}, jax.local_devices()[:1])
-    plan.check_params_fit(config, plan_mesh)  # before reading any weights
+    rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
     params, formats = loader.load_params(
-        path, config, dtype=dtype, shardings=shardings, progress=progress or None
+        path, config, dtype=dtype, mesh=mesh, rules=rules, progress=progress or None
     )
+    one_device = mesh is None or mesh.devices.size == 1
+    if cpu_kernels and not one_device:
+        raise ValueError("cpu_kernels=True needs the model on one device; this mesh has "
+                         f"{mesh.devices.size}")  # fmt: skip
+    numerics = Numerics.choose(dtype, rounding, cpu_kernels if one_device else False)
     grok = Grok1(
-        config, formats, dtype=dtype, moe_strategy=moe_strategy, rounding=rounding,
+        config, formats, numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     from grok1.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -379,32 +363,3 @@ def load(
         grok, params, mesh=mesh, path=path, tokenizer=tokenizer, max_bucket=max_bucket,
         max_slots=max_slots, horizon=horizon, max_queue=max_queue,
     )  # fmt: skip
-
-
-def _param_shardings(path, config, mesh, rules=sharding.RULES):
-    """(module, leaf, shape) -> NamedSharding from the logical-axis rules."""
-    rep = ("kv_heads",) if sharding.kv_replication(config, mesh) > 1 else ()
-    cache: dict = {}
-
-    def get(module, leaf, shape):
-        key = (module, leaf)
-        if key not in cache:
-            axes = _LEAF_AXES(config)[key]
-            table = {key: (shape, None, axes)}
-            cache[key] = sharding.table_shardings(table, mesh, replicate=rep, rules=rules)[key]
-        return cache[key]
-
-    return get
-
-
-@functools.lru_cache(maxsize=8)
-def _LEAF_AXES(config: ModelConfig) -> dict:  # noqa: N802
-    """Logical axes of every leaf, for either storage of each matrix."""
-    from grok1.layers import MatrixFormat
-    from grok1.model import MATRICES, WeightFormats
-
-    out = {}
-    for fmt in (MatrixFormat(1), MatrixFormat(None)):
-        table = param_table(config, WeightFormats(**{m: fmt for m in MATRICES}))
-        out.update({k: v[2] for k, v in table.items()})
-    return out

@@ -14,48 +14,50 @@ import jax.numpy as jnp
 
 from grok1 import kernels, layers
 from grok1.config import ModelConfig
+from grok1.numerics import Numerics
 
 MASKED_LOGIT = -1e30
 
 
 def attend(
-    q: jax.Array, k, v, mask: jax.Array, config: ModelConfig, cached: CachedLayer | None = None
-) -> jax.Array:
+    q: jax.Array, k, v, mask: jax.Array, config: ModelConfig, numerics: Numerics,
+    cached: CachedLayer | None = None,
+) -> jax.Array:  # fmt: skip
     """Capped softmax attention. Rounds where the release rounds (SPEC.md §2).
 
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh], or None with `cached` (the products read one layer of
-    the stacked cache in the native kernel); mask: [B, T, S] bool (True = may attend).
-    Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh], or None with `cached` (the native kernels compute
+    the whole attention over one layer of the stacked cache); mask: [B, T, S] bool (True = may
+    attend). Returns [B, T, H * Dh] in q's dtype, heads in query-head order.
     """
     b, t, h, dh = q.shape
     kv = config.num_kv_heads
     dtype = q.dtype
+    if cached is not None:
+        return cached.attend(q, mask, config).astype(dtype)
+    widen = numerics.dots_in_f32()
     q = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    if cached is None:
-        s = layers.dot("btkgd,bksd->bkgts", q, k, dtype)  # [B, K, G, T, S]
-    else:
-        s = cached.scores(q).astype(dtype)
+    s = layers.dot("btkgd,bksd->bkgts", q, k, dtype, widen)  # [B, K, G, T, S]
     s = s.astype(layers.F32) * jnp.float32(config.attn_output_multiplier)
     cap = jnp.float32(config.attn_logit_cap)
     s = cap * jnp.tanh(s / cap)
     s = jnp.where(mask[:, None, None, :, :], s, MASKED_LOGIT)
-    p = jax.nn.softmax(s, axis=-1).astype(dtype)
-    if cached is None:
-        o = layers.dot("bkgts,bksd->btkgd", p, v, dtype)  # [B, T, K, G, Dh]
-    else:
-        o = cached.values(p).astype(dtype)
+    p = layers.softmax(s, numerics).astype(dtype)
+    o = layers.dot("bkgts,bksd->btkgd", p, v, dtype, widen)  # [B, T, K, G, Dh]
     return o.reshape(b, t, h * dh)
 
 
 @dataclasses.dataclass(frozen=True)
 class CachedLayer:
-    """Attention's two products over one layer of the stacked cache, in the native CPU kernel
-    (`grok1.kernels.attend_scores` / `attend_values`), which reads the cache's bf16 bits in
-    place instead of slicing, widening and transposing the layer first. The values equal
-    `layers.dot`'s up to float32 summation order.
+    """Attention over one layer of the stacked cache in the native CPU kernels: the scores and
+    the weighted values read the cache in place (bf16 as its bits, or float32) instead of
+    slicing, widening and transposing the layer first (`kernels.attend_scores` /
+    `attend_values`), and the probabilities between them are computed whole
+    (`kernels.attend_probs`), each row in a fixed order: a query's result depends on its own
+    keys only (batch invariance). The values equal XLA's up to float32 summation order and the
+    last bit of tanh and exp.
 
-    Attributes: k_cache, v_cache: [L, Bc, K, Sc, Dh] uint16; layer: scalar; kv_len: static;
-    rows: [B] the cache row of each batch row.
+    Attributes: k_cache, v_cache: [L, Bc, K, Sc, Dh] uint16 or float32; layer: scalar; kv_len:
+    static; rows: [B] the cache row of each batch row.
     """
 
     k_cache: jax.Array
@@ -64,26 +66,20 @@ class CachedLayer:
     kv_len: int
     rows: jax.Array
 
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, T, K, G, Dh] -> float32 scores [B, K, G, T, S]."""
-        b, t, kv, g, dh = q.shape
-        q_rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, dh)
+    def attend(self, q: jax.Array, mask: jax.Array, config: ModelConfig) -> jax.Array:
+        """q [B, T, H, Dh] in the compute dtype, mask [B, T, S] -> float32 [B, T, H * Dh]."""
+        b, t, h, dh = q.shape
+        kv = config.num_kv_heads
+        # rows of one KV head's group: query token t, head g -> row t * G + g
+        q_rows = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, dh)
         s = kernels.attend_scores(q_rows, self.k_cache, self.layer, self.kv_len, self.rows)
-        return s.reshape(b, kv, t, g, self.kv_len).transpose(0, 1, 3, 2, 4)
-
-    def values(self, p: jax.Array) -> jax.Array:
-        """p [B, K, G, T, S] -> float32 outputs [B, T, K, G, Dh]."""
-        b, kv, g, t, s = p.shape
-        p_rows = p.transpose(0, 1, 3, 2, 4).reshape(b, kv, t * g, s)
-        o = kernels.attend_values(p_rows, self.v_cache, self.layer, self.rows)
-        return o.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4)
-
-    @staticmethod
-    def applies(cache: jax.Array, rows: int, stacked) -> bool:
-        """Whether the kernel path serves a step of `rows` query tokens: the native kernels are
-        in use (`stacked` is handed over), the cache holds bf16 bits, and the step is small
-        (decode; prefill chunks stay with XLA's dots)."""
-        return stacked is not None and cache.dtype == jnp.uint16 and rows <= layers.KERNEL_MAX_ROWS
+        rounded = q.dtype == jnp.bfloat16
+        p = kernels.attend_probs(s, mask, config.attn_output_multiplier, config.attn_logit_cap,
+                                 rounded)  # fmt: skip
+        o = kernels.attend_values(p, self.v_cache, self.layer, self.rows)  # [B, K, T * G, Dh]
+        if rounded:
+            o = o.astype(jnp.bfloat16)
+        return o.reshape(b, kv, t, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
 def write_cache(
@@ -120,15 +116,16 @@ class Attention(hk.Module):
     feeds the float32 dot result straight into the post-attention RMSNorm, so the output is
     returned in float32, unrounded. (With a plain float32 matrix the release's output stays
     rounded.)
+
+    With the native kernels (`Numerics.kernels`, matrices handed over in `stacked`), the
+    projections and, over a cache, attention's products run in them for any number of tokens.
     """
 
-    def __init__(
-        self, config: ModelConfig, formats: dict, rounding: str = "release", name="attention"
-    ):
+    def __init__(self, config: ModelConfig, formats: dict, numerics: Numerics, name="attention"):
         super().__init__(name=name)
         self.config = config
         self.formats = formats
-        self.rounding = rounding
+        self.numerics = numerics
 
     def __call__(self, x, positions, mask, cache=None, stacked=None):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
@@ -146,16 +143,13 @@ class Attention(hk.Module):
         def project(name, x, n_out, out_dtype=dtype):  # a closure: a method would get a
             b, t, n_in = x.shape  # "~_method" Haiku scope
             flat = x.reshape(b * t, n_in)
-            rounded = layers.rounded_for(self.rounding, self.formats[name].quantized)
+            rounded = self.numerics.rounded_for(self.formats[name].quantized)
             if stacked is not None and name in stacked.leaves:
-                if b * t <= layers.KERNEL_MAX_ROWS:
-                    y = stacked.matmul(flat.astype(layers.F32), name, None, out_dtype, dtype,
-                                       rounded)  # fmt: skip
-                    return y.reshape(b, t, n_out)
-                params = stacked.layer_params(name)
-            else:
-                params = layers.Matrix(n_in, n_out, self.formats[name], name=name).params()
-            return layers.matmul(flat, params, out_dtype, dtype, rounded).reshape(b, t, n_out)
+                y = stacked.matmul(flat.astype(layers.F32), name, None, out_dtype, dtype, rounded)
+                return y.reshape(b, t, n_out)
+            params = layers.Matrix(n_in, n_out, self.formats[name], name=name).params()
+            y = layers.matmul(flat, params, out_dtype, dtype, self.numerics, rounded)
+            return y.reshape(b, t, n_out)
 
         b, t, d = x.shape
         q = project("query", x, c.num_q_heads * c.key_size)
@@ -170,7 +164,7 @@ class Attention(hk.Module):
             k_cache = write_cache(k_cache, k, layer, positions, rows)
             v_cache = write_cache(v_cache, v, layer, positions, rows)
             new_cache = (k_cache, v_cache)
-            if CachedLayer.applies(k_cache, b * t, stacked):
+            if self.numerics.kernels:
                 cached = CachedLayer(k_cache, v_cache, layer, kv_len, rows)
                 k = v = None
             else:
@@ -178,6 +172,6 @@ class Attention(hk.Module):
                 v = read_cache(v_cache, layer, kv_len, dtype, rows)
         else:  # the keys are this call's tokens
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        o = attend(q, k, v, mask, c, cached)
-        unrounded = self.rounding != "strict" and self.formats["linear"].quantized
+        o = attend(q, k, v, mask, c, self.numerics, cached)
+        unrounded = self.numerics.rounding != "strict" and self.formats["linear"].quantized
         return project("linear", o, d, layers.F32 if unrounded else dtype), new_cache

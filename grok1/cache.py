@@ -1,7 +1,9 @@
 """The KV cache: a small pytree, donated into every jitted step.
 
 Slot s of row b holds the key/value of that row's token at position s, so a row's first
-`lengths[b]` slots are its context and everything past them is masked.
+`lengths[b]` slots are its context and everything past them is masked. On a mesh, rows are split
+over "data" and KV heads over "model" (`grok1.sharding`'s rules, also for the planner's abstract
+cache).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from grok1 import sharding
 from grok1.config import ModelConfig
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
@@ -19,9 +22,8 @@ CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 def storage_dtype(dtype):
     """How keys and values of the activation dtype are stored: bf16 as its uint16 bits.
 
-    XLA:CPU scatters into a bf16 array by widening the whole array to float32 and back (a few
-    ms per write for a small cache); into uint16 it writes in place. `grok1.attention` converts
-    on write and read (bitcasts, exact).
+    XLA:CPU scatters into a bf16 array by widening the whole array to float32 and back; into
+    uint16 it writes in place. `grok1.attention` converts on write and read (bitcasts, exact).
     """
     return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
@@ -34,19 +36,30 @@ class KVCache:
     lengths: jax.Array  # [B] int32: tokens of context held per row
 
     @classmethod
-    def shapes(cls, config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+    def shapes(cls, config: ModelConfig, batch: int, length: int, dtype, mesh=None) -> KVCache:
+        """Each leaf's shape and storage dtype and, given a mesh, its sharding there."""
         kv = (config.num_layers, batch, config.num_kv_heads, length, config.key_size)
-        return cls(
-            k=jax.ShapeDtypeStruct(kv, storage_dtype(dtype)),
-            v=jax.ShapeDtypeStruct(kv, storage_dtype(dtype)),
-            lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
-        )
+        table = {
+            "k": (kv, storage_dtype(dtype), CACHE_AXES),
+            "v": (kv, storage_dtype(dtype), CACHE_AXES),
+            "lengths": ((batch,), jnp.dtype(jnp.int32), ("batch",)),
+        }
+        placed = {} if mesh is None else sharding.table_shardings(table, config, mesh)
+        leaves = {
+            key: jax.ShapeDtypeStruct(shape, leaf_dtype, sharding=placed.get(key))
+            for key, (shape, leaf_dtype, _) in table.items()
+        }
+        return cls(**leaves)
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-        return jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), cls.shapes(config, batch, length, dtype)
-        )
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype, mesh=None) -> KVCache:
+        """An empty cache, placed on `mesh` as `shapes` says (None: the default device)."""
+
+        def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
+            out = jnp.zeros(s.shape, s.dtype)
+            return out if s.sharding is None else jax.device_put(out, s.sharding)
+
+        return jax.tree.map(zeros, cls.shapes(config, batch, length, dtype, mesh))
 
     @property
     def capacity(self) -> int:

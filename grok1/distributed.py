@@ -35,6 +35,14 @@ class DistributedError(RuntimeError):
     pass
 
 
+_joined = False  # `initialize` succeeded in this process
+
+
+def joined() -> bool:
+    """Whether this process joined a multi-process job through `initialize`."""
+    return _joined
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):
@@ -97,6 +105,7 @@ def initialize(
       shutdown_timeout_s: how long a finishing process waits for the others at exit.
       cpu_collectives: the CPU cross-process collectives ("gloo"; "mpi" needs an MPI build).
     """
+    global _joined
     import jax
 
     coordinator, num_processes, process_id = resolve(coordinator, num_processes, process_id)
@@ -132,6 +141,7 @@ def initialize(
             f"and listening on that address, that the port is reachable from this host, and "
             f"that every process got the same --num-processes and a distinct --process-id"
         ) from e
+    _joined = True
 
 
 def _wait_for_coordinator(coordinator: str, timeout_s: float, process_id, num_processes) -> int:

@@ -105,6 +105,7 @@ class _Job:
 
 
 _ENGINES: weakref.WeakSet = weakref.WeakSet()
+_NUMBERS = itertools.count()  # names each engine's channel to the other processes
 
 
 @atexit.register
@@ -124,7 +125,6 @@ class Engine:
       horizon: decode steps between two admissions.
       max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond.
       cache_len: context capacity (default: the config's sequence_len).
-      shardings: optional placement hooks (`grok1.api`): `cache(KVCache) -> shardings`.
       tokenizer: for text (events' `text`) and stop strings.
       slot_multiple: the mesh's data-axis size (rows are split over it).
     """
@@ -139,7 +139,6 @@ class Engine:
         horizon: int = 8,
         max_queue: int = 256,
         cache_len: int | None = None,
-        shardings=None,
         tokenizer=None,
         slot_multiple: int = 1,
     ):
@@ -155,7 +154,6 @@ class Engine:
         self.max_slots = max_slots + (-max_slots) % slot_multiple
         self.slot_multiple = slot_multiple
         self.horizon, self.max_queue = horizon, max_queue
-        self.shardings = shardings
         self.tokenizer = tokenizer
         self.steps = Steps(grok)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -167,6 +165,7 @@ class Engine:
         self._closed = False
         self._channel = None
         self._device = None  # (cache, decode state, sampling params), made on first use
+        self._number = next(_NUMBERS)
         self._jobs: dict[int, _Job] = {}
         self._waiting: deque[_Job] = deque()
         self._slots: list[_Job | None] = [None] * self.max_slots
@@ -248,14 +247,19 @@ class Engine:
             "alive": self.alive,
         }
 
-    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compiles the decode program for every attended-slot bucket and the one-row prefill
-        for every chunk size, on the scheduler (every process of a multi-process run)."""
+    def warmup(
+        self, progress: Callable[[str], None] | None = None, prompt_len: int | None = None,
+        max_len: int | None = None,
+    ) -> None:  # fmt: skip
+        """Compiles, on the scheduler (every process of a multi-process run), the decode program
+        for every attended-slot bucket up to `max_len` tokens of context and the one-row prefill
+        for every chunk size up to `prompt_len` tokens (default: the whole capacity)."""
         done = threading.Event()
         with self._lock:
             self._check_alive()
             self._start()
-        self._inbox.put(("warmup", (progress, done)))
+        limits = (prompt_len or self.capacity, max_len or self.capacity)
+        self._inbox.put(("warmup", (progress, limits, done)))
         while not done.wait(0.1):
             with self._lock:
                 self._check_alive()
@@ -295,10 +299,10 @@ class Engine:
     # -- the scheduler -------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            if jax.process_count() > 1:
+            if jax.process_count() > 1:  # every process makes its engines in the same order
                 from grok1.distributed import Channel
 
-                self._channel = Channel("grok1/engine")
+                self._channel = Channel(f"grok1/engine{self._number}")
             while True:
                 messages, local = self._intake()
                 if not self._apply(messages, local):
@@ -338,7 +342,7 @@ class Engine:
                 messages.append(["cancel", payload.id])
             elif kind == "warmup":
                 local["warmup"] = payload
-                messages.append(["warmup"])
+                messages.append(["warmup", *payload[1]])
             else:
                 messages.append(["close"])
         if self._channel is not None:
@@ -359,8 +363,8 @@ class Engine:
                 if job is not None:
                     self._finish(job, "cancelled")
             elif kind == "warmup":
-                progress, done = local.get("warmup", (None, None))
-                self._warmup(progress)
+                progress, _, done = local.get("warmup", (None, None, None))
+                self._warmup(progress, *message[1:])
                 if done is not None:
                     done.set()
             else:
@@ -398,11 +402,9 @@ class Engine:
         return self._device
 
     def new_cache(self, batch: int) -> KVCache:
-        """An empty KV cache of `batch` rows, placed as the model's mesh wants it."""
-        cache = KVCache.zeros(self.config, batch, self.capacity, self.grok.compute_dtype)
-        if self.shardings is not None:
-            cache = jax.device_put(cache, self.shardings.cache(cache))
-        return cache
+        """An empty KV cache of `batch` rows, placed on the model's mesh (`KVCache.shapes`)."""
+        dtype = self.grok.compute_dtype
+        return KVCache.zeros(self.config, batch, self.capacity, dtype, self.grok.mesh)
 
     @property
     def table(self) -> jax.Array:
@@ -685,17 +687,17 @@ class Engine:
             if kind == "submit":
                 payload.deliver(Event([], [], finish_reason=reason), error=error)
             elif kind == "warmup":
-                payload[1].set()
+                payload[-1].set()
 
     # -- warm-up -----------------------------------------------------------------------------
-    def _warmup(self, progress) -> None:
+    def _warmup(self, progress, prompt_len: int, max_len: int) -> None:
         say = progress or (lambda _: None)
         cache, state, sp = self._ensure_device()
-        buckets = []
-        b = MIN_BUCKET
+        top = bucket(min(max_len + self.horizon, self.capacity), self.capacity)
+        buckets, b = [], MIN_BUCKET
         while True:
-            buckets.append(min(b, self.capacity))
-            if b >= self.capacity:
+            buckets.append(min(b, top))
+            if b >= top:
                 break
             b *= 2
         say(f"compiling the decode step for {len(buckets)} context sizes")
@@ -705,7 +707,8 @@ class Engine:
                 self.params, cache, inactive, sp, jnp.bool_(False), kv_len=kv_len,
                 n_steps=self.horizon, top_k=0, table=self.table,
             )  # fmt: skip
-        chunks = [m for m in buckets if m <= self.max_bucket]
+        longest = bucket(min(prompt_len, self.max_bucket), self.max_bucket)
+        chunks = [m for m in buckets if m <= longest]
         say(f"compiling the prefill step for {len(chunks)} chunk sizes")
         rows = self._rows_for(1)
         for m in chunks:

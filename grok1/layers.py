@@ -14,19 +14,50 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1 import kernels
+from grok1.numerics import Numerics
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
-# Up to this many rows (tokens, or (token, slot) pairs for experts) a product runs in the native
-# CPU kernel; beyond it (prefill) products are compute-bound and XLA's dots are faster.
-KERNEL_MAX_ROWS = 64
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None) -> jax.Array:
-    """`scale * x / rms(x)` computed in float32 and cast to `dtype` (default: x's). x: [..., D]."""
+def row_sum(x: jax.Array, numerics: Numerics) -> jax.Array:
+    """Float32 sums over the last axis of x [..., N]: in the native kernel's fixed order per row
+    (batch invariant; `grok1.numerics`) when the kernels are in use, else XLA's reduction."""
+    if numerics.kernels:
+        return kernels.row_sums(x)
+    return jnp.sum(x.astype(F32), axis=-1)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, numerics: Numerics, dtype=None):
+    """`scale * x / rms(x)` computed in float32 and cast to `dtype` (default: x's). x: [..., D].
+
+    With the kernels (batch invariance) it runs whole in the native kernel: XLA:CPU contracts a
+    multiply into the addition that consumes it (a fused multiply-add) only where it fuses the
+    two, which depends on the shapes of the whole program, so the residual add that reads a
+    norm's output must get it as written."""
+    if numerics.kernels:
+        return kernels.rms_norm(x, scale, eps).astype(dtype or x.dtype)
     xf = x.astype(F32)
-    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    mean = (row_sum(jnp.square(xf), numerics) / jnp.float32(x.shape[-1]))[..., None]
+    y = xf * jax.lax.rsqrt(mean + eps)
     return (scale.astype(F32) * y).astype(dtype or x.dtype)
+
+
+def softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
+    """Softmax over the last axis in float32, `exp(x - max) / sum`: whole in the native kernel
+    (a fixed order per row) when the kernels are in use."""
+    if numerics.kernels:
+        return kernels.softmax(x)
+    x = x.astype(F32)
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def log_softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
+    """log(softmax(x)) over the last axis in float32, `x - max - log(sum(exp(x - max)))`."""
+    x = x.astype(F32)
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    return shifted - jnp.log(row_sum(jnp.exp(shifted), numerics))[..., None]
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -70,29 +101,15 @@ def round_to(x: jax.Array, dtype) -> jax.Array:
     return round_bf16(x) if dtype == BF16 else x
 
 
-def dots_in_f32(rows: int | None = None) -> bool:
-    """Whether a product's bf16 operands are widened to float32 first (`dot`).
-
-    On CPU always: XLA:CPU runs bf16 dots and bf16 elementwise math several times slower than
-    float32. On GPU for a product of one row (`rows` == 1: each (token, slot) product of the
-    MoE's "gather" path, and the projections of a one-token step): XLA turns a one-row float32
-    dot into a reduction and fuses the int8 weight's dequantisation into it, so the weight is
-    read once where it lies; as a bf16 dot, the weight is first dequantised into a bf16 copy
-    (read 1 byte, write 2, read 2 per weight).
-    """
-    backend = jax.default_backend()
-    return backend == "cpu" or (backend == "gpu" and rows == 1)
-
-
-def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype, rows: int | None = None):
+def dot(subscripts: str, a: jax.Array, b: jax.Array, out_dtype, widen: bool = False):
     """An einsum accumulated in float32 and rounded once to `out_dtype`.
 
-    Float32 operands use full precision (no TF32 / bf16 passes on accelerators). Where
-    `dots_in_f32(rows)` (`rows`: the rows of a matrix product, if it is one), bf16 operands are
-    widened to float32 first: the products of bf16 values are exact in float32 and the
-    accumulation is float32 either way, so only the summation order can differ.
+    Float32 operands use full precision (no TF32 / bf16 passes on accelerators). With `widen`
+    (`Numerics.dots_in_f32`), bf16 operands are widened to float32 first: the products of bf16
+    values are exact in float32 and the accumulation is float32 either way, so only the
+    summation order can differ.
     """
-    if dots_in_f32(rows):
+    if widen:
         a, b = a.astype(F32), b.astype(F32)
     precision = jax.lax.Precision.HIGHEST if F32 in (a.dtype, b.dtype) else None
     out = jnp.einsum(subscripts, a, b, preferred_element_type=F32, precision=precision)
@@ -140,13 +157,6 @@ def _rounds(dtype, rounded: bool | None) -> bool:
     return dtype != F32 if rounded is None else rounded
 
 
-def rounded_for(rounding: str, quantized: bool) -> bool | None:
-    """The `rounded` argument for a matrix under a model's rounding mode (`grok1.model.Grok1`):
-    False for an int8 matrix under "fast" (used as q * s exactly), None (the rule of
-    `dequantize`) otherwise."""
-    return False if rounding == "fast" and quantized else None
-
-
 def matrix(params: dict, dtype, rounded=None) -> jax.Array:
     """The usable weight in `dtype` from a matrix leaf dict ({"w", "scales"} or {"w"})."""
     if "scales" in params:
@@ -160,11 +170,14 @@ def matrix(params: dict, dtype, rounded=None) -> jax.Array:
 
 def folds_scales(params: dict, weight_dtype, rounded=None) -> bool:
     """Whether `matmul` applies this matrix's scales to the sums: an int8 weight wanted in bf16
-    but unrounded (`rounded_for`), which is q * s exactly, not a bf16 value."""
+    but unrounded (`Numerics.rounded_for`), which is q * s exactly, not a bf16 value."""
     return "scales" in params and weight_dtype != F32 and rounded is False
 
 
-def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, blocks: int = 1):
+def matmul(
+    x: jax.Array, params: dict, out_dtype, weight_dtype, numerics: Numerics, rounded=None,
+    blocks: int = 1,
+):  # fmt: skip
     """`x @ matrix(params, weight_dtype, rounded)` accumulated in float32, rounded to out_dtype.
 
     x: [N, In]. An int8 weight wanted in bf16 but unrounded (`folds_scales`) is not dequantised:
@@ -183,16 +196,18 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
     if folds_scales(params, weight_dtype, rounded):
         scales = params["scales"]  # [Gs, Out]
         groups, n_out = scales.shape
-        q = w.astype(F32 if dots_in_f32(n) else BF16)  # int8 values: exact either way
+        widen = numerics.dots_in_f32(n)
+        q = w.astype(F32 if widen else BF16)  # int8 values: exact either way
         if groups == 1:
-            return (dot("nd,df->nf", x, q, F32, n) * scales[0].astype(F32)).astype(out_dtype)
+            return (dot("nd,df->nf", x, q, F32, widen) * scales[0].astype(F32)).astype(out_dtype)
         q = q.reshape(groups, n_in // groups, n_out)
         xg = x.reshape(n, groups, n_in // groups)
-        sums = dot("ngi,gio->ngo", xg, q, F32, n)  # [N, Gs, Out]
+        sums = dot("ngi,gio->ngo", xg, q, F32, widen)  # [N, Gs, Out]
         return jnp.sum(sums * scales.astype(F32), axis=1).astype(out_dtype)
+    widen = numerics.dots_in_f32(n)
     groups = params["scales"].shape[-2] if "scales" in params else 1
     if blocks <= 1 or n_in % blocks or blocks % groups:
-        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype, n)
+        return dot("nd,df->nf", x, matrix(params, weight_dtype, rounded), out_dtype, widen)
     rows, acc = n_in // blocks, None
     for b in range(blocks):
         part = {"w": w[b * rows : (b + 1) * rows]}
@@ -200,17 +215,19 @@ def matmul(x: jax.Array, params: dict, out_dtype, weight_dtype, rounded=None, bl
             g = b * groups // blocks
             part["scales"] = params["scales"][g : g + 1]
         partial = dot("nd,df->nf", x[:, b * rows : (b + 1) * rows],
-                      matrix(part, weight_dtype, rounded), F32, n)  # fmt: skip
+                      matrix(part, weight_dtype, rounded), F32, widen)  # fmt: skip
         acc = partial if acc is None else acc + partial
     return acc.astype(out_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class Stacked:
-    """int8 matrices handed whole to a layer inside the layer scan (see `Grok1.apply`).
+    """Matrices handed whole to a layer inside the layer scan, for the native kernels (see
+    `Grok1.apply`).
 
     Attributes:
-      leaves: {matrix name: {"w", "scales"}} with the leading [L, ...] axes of the stack.
+      leaves: {matrix name: {"w", "scales"} (int8) or {"w"} (float32)} with the leading
+        [L, ...] axes of the stack.
       layer: this layer's index (a traced scalar).
     """
 
@@ -226,16 +243,19 @@ class Stacked:
     ) -> jax.Array:
         """`layers.matmul` in the native kernel: row r of x [R, In] times this layer's matrix
         `index[r]` (into the axes between [L] and [In, Out]; None for a plain [L, In, Out]
-        stack) used in `weight_dtype` (`rounded` as in `dequantize`), accumulated in float32
-        and rounded to out_dtype."""
+        stack) used in `weight_dtype` (`rounded` as in `dequantize` and `matrix`), accumulated
+        in float32 and rounded to out_dtype."""
         leaves = self.leaves[name]
-        w, scales = leaves["w"], leaves["scales"]
+        w = leaves["w"]
         per_layer = int(np.prod(w.shape[1:-2], dtype=np.int64))
         sel = self.layer * per_layer + (0 if index is None else index)
         sel = jnp.broadcast_to(sel, (x.shape[0],)).astype(jnp.int32)
-        q = w.reshape(-1, *w.shape[-2:])
-        s = scales.reshape(-1, *scales.shape[-2:])
-        y = kernels.q8_matmul(x, q, s, sel, _rounds(weight_dtype, rounded))
+        flat = w.reshape(-1, *w.shape[-2:])
+        if "scales" not in leaves:  # a float32 matrix, used as bf16(W) where `matrix` says so
+            round_w = (weight_dtype != F32) if rounded is None else rounded
+            return kernels.f32_matmul(x, flat, sel, round_w).astype(out_dtype)
+        s = leaves["scales"].reshape(-1, *leaves["scales"].shape[-2:])
+        y = kernels.q8_matmul(x, flat, s, sel, _rounds(weight_dtype, rounded))
         return y.astype(out_dtype)
 
 

@@ -22,14 +22,10 @@ from grok1 import kernels, layers
 from grok1.attention import Attention
 from grok1.config import ModelConfig
 from grok1.moe import MoE
+from grok1.numerics import DTYPES, ROUNDINGS, Numerics
 
 F32, BF16 = layers.F32, layers.BF16
-DTYPES = {"bfloat16": BF16, "float32": F32}
-# "release": the roundings the release's compiled program performs under XLA's default flags
-# (what its golden logits.npy show); "strict": every rounding of SPEC.md §2 as written (what it
-# computes with --xla_allow_excess_precision=false, logits_strict.npy); "fast": "release" with the
-# int8 weights used unrounded (not the release's numerics; faster on CPU). See `Grok1`.
-ROUNDINGS = ("release", "strict", "fast")
+__all__ = ["DTYPES", "ROUNDINGS", "Grok1", "Numerics", "WeightFormats", "param_table"]
 
 STACK = "grok1/layers"
 ATTN = f"{STACK}/decoder_layer/attention"
@@ -115,13 +111,14 @@ def param_table(config: ModelConfig, formats: WeightFormats) -> dict:
 
 
 class RMSNorm(hk.Module):
-    def __init__(self, eps: float, name: str):
+    def __init__(self, eps: float, numerics: Numerics, name: str):
         super().__init__(name=name)
         self.eps = eps
+        self.numerics = numerics
 
     def __call__(self, x, dtype=None):
         scale = hk.get_parameter("scale", (x.shape[-1],), F32, init=hk.initializers.Constant(1.0))
-        return layers.rms_norm(x, scale, self.eps, dtype)
+        return layers.rms_norm(x, scale, self.eps, self.numerics, dtype)
 
 
 class Embedding(hk.Module):
@@ -145,23 +142,23 @@ class DecoderLayer(hk.Module):
     """
 
     def __init__(
-        self, config, formats: WeightFormats, moe_strategy: str, dtype, rounding: str,
+        self, config, formats: WeightFormats, numerics: Numerics, moe_strategy: str,
         expert_mesh=None, name="decoder_layer",
     ):  # fmt: skip
         super().__init__(name=name)
         self.config = config
         self.formats = formats.as_dict()
+        self.numerics = numerics
         self.moe_strategy = moe_strategy
-        self.dtype = dtype
-        self.rounding = rounding
         self.expert_mesh = expert_mesh
 
     def __call__(self, h, positions, mask, cache=None, stacked=None):
-        c, dtype = self.config, self.dtype
-        norm = lambda i, x, dt=dtype: RMSNorm(c.norm_eps, name=NORMS[i])(x, dt)
-        attn = Attention(c, self.formats, self.rounding)
-        moe = MoE(c, self.formats, self.moe_strategy, self.rounding, self.expert_mesh)
-        if self.rounding == "strict":  # additions rounded explicitly: XLA would skip the
+        c, num = self.config, self.numerics
+        dtype = num.compute_dtype
+        norm = lambda i, x, dt=dtype: RMSNorm(c.norm_eps, num, name=NORMS[i])(x, dt)
+        attn = Attention(c, self.formats, num)
+        moe = MoE(c, self.formats, num, self.moe_strategy, self.expert_mesh)
+        if num.rounding == "strict":  # additions rounded explicitly: XLA would skip the
             add = lambda x, y: _rounded_sum(x, y, dtype)  # rounding that the norm reads
             a, cache = attn(norm(0, h), positions, mask, cache, stacked)
             h = add(h, norm(1, a))
@@ -190,8 +187,8 @@ def _rows_of_vocab_shards(table: jax.Array, tokens: jax.Array, mesh) -> jax.Arra
     summed, exactly (one term per token is not zero). The table never moves.
 
     Left to XLA, the lookup of a single token (one-row decode) is rewritten on GPU into a
-    dynamic slice of the whole table, which the partitioner serves with an all-gather of it:
-    1.6 GB into every device at every step for Grok-1 on 8 devices.
+    dynamic slice of the whole table, which the partitioner serves with an all-gather of the
+    table into every device at every step (docs/performance.md, GPU traffic estimates).
     """
     from jax.sharding import PartitionSpec as P
 
@@ -210,15 +207,14 @@ def _rows_of_vocab_shards(table: jax.Array, tokens: jax.Array, mesh) -> jax.Arra
     )(table, tokens)
 
 
-def _unembed(h: jax.Array, table: jax.Array, dtype) -> jax.Array:
-    """h [B, T, D] @ table.T, rounded to `dtype`; a bf16-bits table goes to the native kernel
-    (few rows) or is widened for XLA's dot (many)."""
-    if table.dtype != jnp.uint16:
-        return layers.dot("btd,vd->btv", h, table, dtype)
-    b, t, d = h.shape
-    if b * t <= layers.KERNEL_MAX_ROWS:
+def _unembed(h: jax.Array, table: jax.Array, numerics: Numerics) -> jax.Array:
+    """h [B, T, D] @ table.T, rounded to the compute dtype: in the native kernel when the model
+    uses the kernels (the table as bf16 bits, or float32), else XLA's dot."""
+    dtype = numerics.compute_dtype
+    if numerics.kernels:
+        b, t, d = h.shape
         return kernels.dot_rows(h.reshape(b * t, d), table).reshape(b, t, -1).astype(dtype)
-    return layers.dot("btd,vd->btv", h, layers.from_bf16_bits(table).astype(F32), dtype)
+    return layers.dot("btd,vd->btv", h, table, dtype, numerics.dots_in_f32())
 
 
 def _rounded_sum(x, y, dtype):
@@ -233,27 +229,26 @@ class Grok1:
     Attributes:
       config: the architecture.
       formats: storage of each matrix (int8 with Gs groups, or float32).
-      dtype: activation dtype, "bfloat16" (the release) or "float32".
+      numerics: the activation dtype, the rounding (below), the backend and whether the native
+        CPU kernels compute every product and row reduction (`grok1.numerics`; with them a
+        request's numbers depend on its own tokens only). Kernels need the model on one device.
       moe_strategy: "auto", "gather", "dense" or "grouped" (see `grok1.moe`).
-      cpu_kernels: use the native int8 matrix kernel (`grok1.kernels`) for few-token steps:
-        None (default) where it applies (CPU backend, one device, kernel built; int8 matrices
-        only), False never. The values are the same up to float32 summation order.
       expert_mesh: None (experts as the parameters' shardings place them), or the mesh whose
         "model" axis splits the experts whole (expert parallelism, `grok1.moe.experts_parallel`;
         parameters placed by `sharding.EXPERT_PARALLEL_RULES`).
       mesh: None, or the mesh the parameters are placed on (`grok1.load` sets it). Where its
         "model" axis splits the vocabulary, each device looks up the embedding rows it holds
         (see `_rows_of_vocab_shards`).
-      rounding: which bf16 roundings of SPEC.md §2 happen (bf16 mode; float32 mode is the same
-        under all three):
+      numerics.rounding: which bf16 roundings of SPEC.md §2 happen (bf16 mode; float32 mode is
+        the same under all three):
         * "strict": every one, as written; this is the release compiled with
           XLA_FLAGS=--xla_allow_excess_precision=false (its logits_strict.npy).
         * "release" (default): those that the release's compiled program keeps under XLA's
           default flags (its logits.npy). There XLA:CPU computes bf16 arithmetic in float32 and
           lets a written `astype(float32)` of a bf16 op's result read the float32 value
           directly, so a rounding survives only where a bf16 value reaches a bf16 consumer
-          (another bf16 op, a dot operand, a reshape or transpose, a program output). Measured
-          on the release's structure, three roundings go: (1) every RMSNorm that reads the
+          (another bf16 op, a dot operand, a reshape or transpose, a program output). On the
+          release's structure, three roundings go: (1) every RMSNorm that reads the
           residual stream (the two pre-norms, the final norm) sees the residual add, and the
           embedding times its multiplier, unrounded, while the stream keeps the rounded value
           for the next add; (2) the post-attention RMSNorm reads the output projection's
@@ -265,39 +260,46 @@ class Grok1:
           summation-order differences flip occasional bf16 roundings, and that noise remains.
         * "fast": as "release", except that every int8 weight is used as q * s exactly instead
           of bf16(q * s), so its scales multiply the sums of each scale group rather than every
-          weight (`layers.matmul`; the CPU kernels skip a conversion and rounding per weight:
-          decode is 10-25 % faster on the benchmark CPU). Not the release's numerics: a
-          perturbation of the weights of relative size 2^-9, which on the golden cases moves
-          logits by up to ~0.2 and, where the router's 2nd and 3rd experts are nearly tied,
-          can flip an expert choice (README, "How the numerics are verified").
+          weight (`layers.matmul`; the CPU kernels skip a conversion and a rounding per weight,
+          docs/performance.md). Not the release's numerics: a perturbation of each weight of
+          relative size up to 2^-9, which where the router's 2nd and 3rd experts are nearly tied
+          can flip an expert choice (docs/numerics.md, `rounding="fast"`).
     """
 
     config: ModelConfig
     formats: WeightFormats = WeightFormats()
-    dtype: str = "bfloat16"
+    numerics: Numerics = Numerics()
     moe_strategy: str = "auto"
-    rounding: str = "release"
-    cpu_kernels: bool | None = None
     expert_mesh: jax.sharding.Mesh | None = None
     mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        from grok1.moe import STRATEGIES
 
-    def kernel_matrices(self) -> tuple[str, ...]:
-        """The matrices `apply` hands whole to the native CPU kernel (none where it does not
-        apply)."""
-        single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-        if self.cpu_kernels is False or not single_cpu or not kernels.available():
-            return ()
-        return tuple(name for name in MATRICES if getattr(self.formats, name).quantized)
+        if self.moe_strategy not in STRATEGIES:
+            raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got "
+                             f"{self.moe_strategy!r}")  # fmt: skip
+        several = self.mesh is not None and self.mesh.devices.size > 1
+        if self.numerics.kernels and (several or self.expert_mesh is not None):
+            raise ValueError("the native kernels run on one device; use Numerics(kernels=False) "
+                             "on a mesh of several devices")  # fmt: skip
+
+    @property
+    def dtype(self) -> str:
+        return self.numerics.dtype
+
+    @property
+    def rounding(self) -> str:
+        return self.numerics.rounding
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        return self.numerics.compute_dtype
+
+    def kernel_matrices(self) -> tuple[str, ...]:
+        """The matrices `apply` hands whole to the native CPU kernels (all of them, when the
+        model uses the kernels)."""
+        return MATRICES if self.numerics.kernels else ()
 
     def embedding_table(self, params) -> jax.Array:
         """The tied embedding as the model uses it: bf16(E) in bf16 mode. With the native CPU
@@ -309,9 +311,9 @@ class Grok1:
 
     def _usable_embedding(self, e: jax.Array) -> jax.Array:
         dtype = self.compute_dtype
-        if dtype == jnp.bfloat16 and self.kernel_matrices():
+        if dtype == jnp.bfloat16 and self.numerics.kernels:
             return layers.to_bf16_bits(e)
-        if layers.dots_in_f32():
+        if self.numerics.dots_in_f32():
             return layers.round_to(e.astype(F32), dtype)
         return e.astype(dtype)
 
@@ -326,14 +328,13 @@ class Grok1:
         h = _embed(embed, tokens, self.mesh) * c_in.astype(F32)
         if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded
             h = layers.round_to(h, dtype).astype(dtype)
+        num = self.numerics
 
         def body(carry, layer_idx):
             h, kv = carry
             layer_cache = None if kv is None else (*kv, layer_idx, kv_len, rows)
             whole = None if stacked is None else layers.Stacked(stacked, layer_idx)
-            layer = DecoderLayer(
-                c, self.formats, self.moe_strategy, dtype, self.rounding, self.expert_mesh
-            )
+            layer = DecoderLayer(c, self.formats, num, self.moe_strategy, self.expert_mesh)
             h, kv = layer(h, positions, mask, layer_cache, whole)
             return (h, kv), None
 
@@ -343,8 +344,8 @@ class Grok1:
         (h, cache), _ = stack(body)((h, cache), jnp.arange(c.num_layers))
         if out_index is not None:  # [B, P]: only these positions reach the unembedding
             h = jnp.take_along_axis(h, out_index[:, :, None], axis=1)
-        h = RMSNorm(c.norm_eps, name="final_norm")(h, dtype)
-        logits = _unembed(h, embed, dtype)
+        h = RMSNorm(c.norm_eps, num, name="final_norm")(h, dtype)
+        logits = _unembed(h, embed, num)
         c_out = layers.compute_constant(c.output_multiplier_scale, dtype)
         # rounded explicitly, so that a consumer inside the same program (the engine's sampler)
         # sees bf16(logits * c_out) too and not XLA's unrounded float32 product
@@ -369,7 +370,7 @@ class Grok1:
         b); a row >= the cache's batch writes nothing and reads the last cache row.
         Returns (logits [B, T or P, V] in the compute dtype, updated cache or None).
 
-        With the CPU kernel (`kernel_matrices`), those matrices bypass the layer scan's
+        With the native kernels (`kernel_matrices`), the matrices bypass the layer scan's
         per-layer slicing (which would copy a whole layer of experts before every custom call)
         and reach the layer whole, [L, ...], with the layer's index.
         """

@@ -6,6 +6,9 @@ jitted decode step. All math is float32, whatever the logits' dtype.
 
 Randomness is per row: row b draws with `fold_in(key_b, step_b)`, where `key_b` comes from its
 request's seed alone, so a seed gives the same tokens whatever the batch size or the row's slot.
+With a `Numerics` that uses the native kernels, the sums over the vocabulary (log-softmax, the
+top-p mass) are also computed per row in a fixed order, so that a row's log-probabilities and
+top-p boundary do not depend on the other rows either.
 
 Differences from the release (SPEC.md §7): the release samples in bf16 with temperature and
 top-p only and divides by zero at temperature 0. Here temperature 0 is exact greedy decoding
@@ -23,6 +26,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from grok1 import layers
+from grok1.numerics import Numerics
 
 _KEY_IMPL = "threefry2x32"  # the key data layout stored in BatchSamplingParams.key
 MIN_TEMPERATURE = 1e-6  # smaller positive temperatures act as this, so logits / T stays finite
@@ -175,21 +181,33 @@ def _top_k_top_p_floor(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
     return jnp.take_along_axis(sorted_logits, n_keep[:, None] - 1, axis=-1)[:, 0]
 
 
-def filter_logits(logits: jax.Array, params: BatchSamplingParams) -> jax.Array:
+def _row_by_row(fn, *args):
+    """fn applied to each row of the arrays in `args` separately (one compiled body for every
+    row: a row's result cannot depend on the others')."""
+    return jax.lax.map(lambda row: fn(*row), args)
+
+
+def filter_logits(
+    logits: jax.Array, params: BatchSamplingParams, numerics: Numerics | None = None
+) -> jax.Array:
     """Sets the logits of tokens removed by top-k, top-p and min-p to -inf.
 
     `logits` [B, V] f32 are already divided by the temperature. Filters keep every token whose
     logit ties the lowest kept one, so ties at the boundary can keep a few more than top_k.
-    Sorting is skipped when no sampled row uses top-k or top-p.
+    Sorting is skipped when no sampled row uses top-k or top-p. With the kernels' numerics the
+    top-p boundary is found row by row (batch invariance).
     """
     batch = logits.shape[0]
     top = jnp.max(logits, axis=-1)  # [B]
     min_p_floor = top + jnp.log(params.min_p)  # [B]; p >= min_p * p_max, log(0) = -inf
     needs_sort = (params.temperature > 0) & ((params.top_k > 0) | (params.top_p < 1.0))
+    if numerics is not None and numerics.kernels:
+        row = lambda x, k, p: _top_k_top_p_floor(x[None], k[None], p[None])[0]  # noqa: E731
+        floor_fn = lambda: _row_by_row(row, logits, params.top_k, params.top_p)  # noqa: E731
+    else:
+        floor_fn = lambda: _top_k_top_p_floor(logits, params.top_k, params.top_p)  # noqa: E731
     sort_floor = jax.lax.cond(
-        jnp.any(needs_sort),
-        lambda: _top_k_top_p_floor(logits, params.top_k, params.top_p),
-        lambda: jnp.full((batch,), -jnp.inf, dtype=jnp.float32),
+        jnp.any(needs_sort), floor_fn, lambda: jnp.full((batch,), -jnp.inf, dtype=jnp.float32)
     )
     floor = jnp.maximum(min_p_floor, sort_floor)  # [B]
     return jnp.where(logits >= floor[:, None], logits, -jnp.inf)
@@ -200,6 +218,7 @@ def sample(
     params: BatchSamplingParams,
     step: jax.Array | int,
     seen_mask: jax.Array | None = None,
+    numerics: Numerics | None = None,
 ) -> jax.Array:
     """Picks the next token of each row. Jit-able; all math in float32.
 
@@ -209,6 +228,7 @@ def sample(
       step: int32 scalar or [B]: the rows' decode positions; folded into each row's key so
         every step draws fresh randomness.
       seen_mask: optional [B, V] bool of tokens that the repetition penalty applies to.
+      numerics: with the native kernels, sums over the vocabulary run row by row.
 
     Returns:
       [B] int32 tokens: the argmax for rows with temperature 0, else a draw from the row's
@@ -222,37 +242,37 @@ def sample(
     sampled_rows = params.temperature > 0  # [B]
     sampled_tokens = jax.lax.cond(  # an all-greedy batch skips filtering and drawing
         jnp.any(sampled_rows),
-        lambda: _draw(logits, params, step),
+        lambda: _draw(logits, params, step, numerics),
         lambda: greedy_tokens,
     )
     return jnp.where(sampled_rows, sampled_tokens, greedy_tokens).astype(jnp.int32)
 
 
-def _draw(logits: jax.Array, params: BatchSamplingParams, step: jax.Array | int) -> jax.Array:
+def _draw(logits: jax.Array, params: BatchSamplingParams, step, numerics=None) -> jax.Array:
     """[B] tokens drawn from the temperature-scaled, filtered `logits` [B, V] (f32)."""
     batch = logits.shape[0]
     temperature = jnp.where(
         params.temperature > 0, jnp.maximum(params.temperature, MIN_TEMPERATURE), 1.0
     )  # [B]
-    filtered = filter_logits(logits / temperature[:, None], params)  # [B, V]
+    filtered = filter_logits(logits / temperature[:, None], params, numerics)  # [B, V]
     steps = jnp.broadcast_to(jnp.asarray(step, dtype=jnp.int32), (batch,))  # [B]
     keys = jax.random.wrap_key_data(params.key, impl=_KEY_IMPL)  # [B]
     keys = jax.vmap(jax.random.fold_in)(keys, steps)  # [B]
     return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+def token_logprobs(logits: jax.Array, tokens: jax.Array, numerics: Numerics | None = None):
     """[B] f32 log-probability of `tokens` [B] under the unmodified `logits` [B, V]."""
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    logprobs = layers.log_softmax(logits, numerics or Numerics())  # [B, V]
     return jnp.take_along_axis(logprobs, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
 
-def top_logprobs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def top_logprobs(logits: jax.Array, k: int, numerics: Numerics | None = None):
     """The k most likely tokens of the unmodified `logits` [B, V].
 
     Returns:
       (values [B, k] f32 log-probabilities, best first; ids [B, k] int32).
     """
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    logprobs = layers.log_softmax(logits, numerics or Numerics())  # [B, V]
     values, ids = jax.lax.top_k(logprobs, k)
     return values, ids.astype(jnp.int32)

@@ -1,13 +1,16 @@
-"""Meshes and the one table from logical axes to mesh axes.
+"""Meshes, the one table from logical axes to mesh axes, and the memory each device can hold.
 
 Every parameter leaf names its dimensions with logical axes (`grok1.model.param_table`), and so do
-the KV cache and the main activations. `RULES` maps each logical axis to a mesh axis (or None,
-replicated). A leaf with an axis missing from the table, or a dimension that its mesh axis does not
-divide, is an error raised before anything is compiled.
+the KV cache (`grok1.cache`) and the main activations. `RULES` maps each logical axis to a mesh
+axis (or None, replicated); `table_shardings` turns a table of leaves into their shardings, and is
+where a model axis larger than the KV heads makes them whole on every device. A leaf with an axis
+missing from the table, or a dimension that its mesh axis does not divide, is an error raised
+before anything is compiled. `preflight` compares bytes per device with each device's memory.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -47,31 +50,94 @@ class ShardingError(ValueError):
     pass
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """Axis sizes from the command-line form "data=1,model=8" ({"data": 1, "model": 8}).
+
+    Every part is AXIS=SIZE with AXIS one of `AXES`, each axis at most once, SIZE an integer >= 1
+    or -1 ("the rest of the devices"). An axis left out also means the rest (`mesh_sizes`).
+    """
+    form = f"expected AXIS=SIZE[,AXIS=SIZE] with AXIS in {'/'.join(AXES)}, e.g. data=1,model=8"
+    if not isinstance(text, str) or not text.strip():
+        raise ShardingError(f"mesh {text!r}: empty; {form}")
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        axis, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or not axis:
+            raise ShardingError(f"mesh {text!r}: {part.strip()!r} is not AXIS=SIZE; {form}")
+        if axis in out:
+            raise ShardingError(f"mesh {text!r}: axis {axis!r} is given twice")
+        try:
+            value = int(size)
+        except ValueError:
+            raise ShardingError(
+                f"mesh {text!r}: size {size!r} of axis {axis!r} is not an integer"
+            ) from None
+        out[axis] = value
+    return _checked(out, f"mesh {text!r}")
+
+
+def _checked(spec: Mapping, what: str) -> dict[str, int]:
+    """`spec` as {axis: int}, after checking its axes and sizes."""
+    unknown = sorted(set(spec) - set(AXES), key=str)
+    if unknown:
+        raise ShardingError(f"{what}: unknown axes {unknown}; the axes are {', '.join(AXES)}")
+    out = {}
+    for axis, size in spec.items():
+        if not isinstance(size, int | np.integer) or isinstance(size, bool):
+            raise ShardingError(f"{what}: size of axis {axis!r} must be an int, got {size!r}")
+        if size < 1 and size != -1:
+            raise ShardingError(
+                f"{what}: size of axis {axis!r} must be >= 1 (or -1 for the rest of the "
+                f"devices), got {size}"
+            )
+        out[axis] = int(size)
+    return out
+
+
+def mesh_sizes(spec: Mapping | None, num_devices: int) -> dict[str, int]:
+    """{axis: size} for every axis of `AXES`, with the one axis left out or given as -1 filled
+    with the devices the others leave. None or {} puts every device on "model".
+
+    Checks the axes and sizes and that the filled axis gets a whole number of devices; whether
+    the mesh fits the devices is `make_mesh`'s question (the dry run plans larger meshes).
+    """
+    spec = _checked(spec or {"data": 1}, f"mesh {dict(spec or {})}")
+    sizes = {axis: spec.get(axis, -1) for axis in AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ShardingError(
+            f"mesh {spec}: give the size of all axes but one ({', '.join(rest)} are all left "
+            f"to the rest of the devices)"
+        )
+    if rest:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if num_devices % known or num_devices < known:
+            raise ShardingError(
+                f"mesh {spec}: the {num_devices} devices do not split into {known} x N for axis "
+                f"{rest[0]!r}; give every axis's size, or a mesh whose sizes divide {num_devices}"
+            )
+        sizes[rest[0]] = num_devices // known
+    return sizes
+
+
 def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
     """A ("data", "model") mesh.
 
     spec: a Mesh (returned as is), a dict such as {"data": 1, "model": 8} (a missing axis gets
-    the remaining devices; -1 also means "the rest"), or None (all devices on "model").
+    the remaining devices; -1 also means "the rest"), its command-line form "data=1,model=8"
+    (`parse_mesh`), or None (all devices on "model").
     """
     if isinstance(spec, Mesh):
         return spec
+    if isinstance(spec, str):
+        spec = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
-    spec = dict(spec or {"data": 1})
-    unknown = set(spec) - set(AXES)
-    if unknown:
-        raise ShardingError(f"unknown mesh axes {sorted(unknown)}; the axes are {AXES}")
-    sizes = {axis: int(spec.get(axis, -1)) for axis in AXES}
-    known = int(np.prod([s for s in sizes.values() if s != -1]))
-    if known <= 0 or (-1 in sizes.values() and len(devices) % known):
-        raise ShardingError(f"mesh {spec} does not fit {len(devices)} devices")
-    for axis in AXES:
-        if sizes[axis] == -1:
-            sizes[axis] = len(devices) // known
-            known *= sizes[axis]
-    total = int(np.prod(list(sizes.values())))
+    sizes = mesh_sizes(spec, len(devices))
+    total = math.prod(sizes.values())
     if total > len(devices):
         raise ShardingError(
-            f"mesh {sizes} needs {total} devices but only {len(devices)} are available"
+            f"mesh {sizes} needs {total} devices but only {len(devices)} are available; give "
+            f"a mesh of at most {len(devices)} devices"
         )
     grid = np.array(devices[:total], dtype=object).reshape([sizes[a] for a in AXES])
     return Mesh(grid, AXES)
@@ -80,11 +146,15 @@ def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
 def spec_for(
     axes: Sequence[str], shape: Sequence[int], mesh: Mesh, what: str, rules: Mapping = RULES
 ) -> PartitionSpec:
-    """PartitionSpec of a leaf from its logical axes (mapped by `rules`), checking divisibility."""
+    """PartitionSpec of a leaf from its logical axes (mapped by `rules`; an axis given as None is
+    kept whole), checking divisibility."""
     if len(axes) != len(shape):
         raise ShardingError(f"{what}: {len(axes)} logical axes for shape {tuple(shape)}")
     parts = []
     for axis, dim in zip(axes, shape, strict=True):
+        if axis is None:
+            parts.append(None)
+            continue
         if axis not in rules:
             raise ShardingError(f"{what}: no sharding rule for logical axis {axis!r}")
         mesh_axis = rules[axis]
@@ -131,21 +201,51 @@ def kv_replication(config: ModelConfig, mesh: Mesh) -> int:
 
 
 def table_shardings(
-    table: Mapping, mesh: Mesh, replicate: Sequence[str] = (), rules: Mapping = RULES
+    table: Mapping, config: ModelConfig, mesh: Mesh, rules: Mapping = RULES
 ) -> dict:
-    """{key: NamedSharding} for a {key: (shape, dtype, logical axes)} table.
+    """{key: NamedSharding} for a {key: (shape, dtype, logical axes)} table (parameters or the KV
+    cache) on `mesh`, each axis placed by `rules`.
 
-    Logical axes in `replicate` are kept whole on every device (e.g. "kv_heads" when the model
-    axis exceeds the KV heads).
+    Where the model axis exceeds the KV heads (`kv_replication`), "kv_heads" is kept whole on
+    every device.
     """
+    whole = ("kv_heads",) if kv_replication(config, mesh) > 1 else ()
     out = {}
     for key, (shape, _, axes) in table.items():
-        axes = tuple(None if a in replicate else a for a in axes)
-        spec = _spec_allowing_none(axes, shape, mesh, "/".join(key), rules)
-        out[key] = NamedSharding(mesh, spec)
+        axes = [None if a in whole else a for a in axes]
+        what = key if isinstance(key, str) else "/".join(key)
+        out[key] = NamedSharding(mesh, spec_for(axes, shape, mesh, what, rules))
     return out
 
 
-def _spec_allowing_none(axes, shape, mesh, what, rules=RULES) -> PartitionSpec:
-    named_axes = [a if a is not None else "layers" for a in axes]  # "layers" is replicated
-    return spec_for(named_axes, shape, mesh, what, rules)
+# -- memory per device ------------------------------------------------------------------------
+GB = 1e9
+
+
+class InsufficientMemoryError(MemoryError):
+    pass
+
+
+def device_memory_limit(device) -> int | None:
+    """Bytes a device can hold (`memory_stats()["bytes_limit"]`), None where unknown (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def preflight(needed_bytes_per_device: int, devices: Sequence | None = None) -> None:
+    """Raises InsufficientMemoryError if some device cannot hold `needed_bytes_per_device`.
+
+    Devices that report no limit (the CPU) are skipped. Pass this process's devices only: the
+    runtime answers memory questions for addressable devices alone.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    for d in devices:
+        limit = device_memory_limit(d)
+        if limit is None:
+            continue
+        if needed_bytes_per_device > limit:
+            raise InsufficientMemoryError(
+                f"needs {needed_bytes_per_device / GB:.3g} GB per device, this mesh has "
+                f"{limit / GB:.3g} GB ({d.device_kind} {d.id}); use a larger model axis, a "
+                f"smaller batch or context, or devices with more memory"
+            )

@@ -20,9 +20,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from grok1 import sampling
+from grok1 import layers, sampling
 from grok1.cache import KVCache
 from grok1.model import Grok1
+from grok1.numerics import Numerics
 from grok1.requests import MAX_STOP_IDS
 
 I32 = jnp.int32
@@ -82,13 +83,14 @@ class ChunkScores:
     top_logprobs: jax.Array | None = None
 
 
-def choose(logits: jax.Array, sp, steps: jax.Array, seen: jax.Array, top_k: int) -> Sampled:
+def choose(logits: jax.Array, sp, steps, seen, top_k: int, numerics: Numerics) -> Sampled:
     """Samples each row of logits [R, V] (f32) with its params, at its step; reports the chosen
     token's log-probability and, for top_k > 0, the top_k alternatives."""
-    tokens = sampling.sample(logits, sp, steps, seen)
-    out = Sampled(tokens, sampling.token_logprobs(logits, tokens))
+    tokens = sampling.sample(logits, sp, steps, seen, numerics)
+    logp = layers.log_softmax(logits, numerics)
+    out = Sampled(tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0])
     if top_k:
-        out.top_logprobs, out.top_ids = sampling.top_logprobs(logits, top_k)
+        out.top_logprobs, out.top_ids = jax.lax.top_k(logp, top_k)
     return out
 
 
@@ -142,7 +144,7 @@ class Steps:
             return logits[:, 0], None, cache
         last = jnp.clip(n_new - 1, 0, tokens.shape[1] - 1)
         last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        logp = layers.log_softmax(logits, self.grok.numerics)
         out = ChunkScores(jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0])
         if top_k:
             out.top_logprobs, out.top_ids = jax.lax.top_k(logp, top_k)
@@ -159,7 +161,7 @@ class Steps:
     def _first_tokens(self, logits, sp, seen, *, top_k=0) -> Sampled:
         """Samples the first token of P new requests from their last prompt logits [P, V]."""
         steps = jnp.zeros(logits.shape[:1], I32)
-        return choose(logits, sp, steps, seen, top_k)
+        return choose(logits, sp, steps, seen, top_k, self.grok.numerics)
 
     def _admit(self, state: DecodeState, sp, slots, rows: DecodeState, row_sp):
         """Puts P new requests (`rows`: their decode state, `row_sp`: their sampling params)
@@ -195,7 +197,8 @@ class Steps:
                 params, cache, rows, cache.lengths, st.last[:, None], st.active.astype(I32),
                 kv_len, table, last=True,
             )  # fmt: skip
-            picked = choose(logits[:, 0].astype(jnp.float32), sp, st.steps, st.seen, top_k)
+            logits = logits[:, 0].astype(jnp.float32)
+            picked = choose(logits, sp, st.steps, st.seen, top_k, self.grok.numerics)
             at = jnp.where(st.active, i, n_steps)  # inactive rows: nothing recorded
 
             def record(buf, new):

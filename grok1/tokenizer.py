@@ -40,7 +40,13 @@ class Tokenizer:
                 "Grok-1 release (https://github.com/xai-org/grok-1) and put it at that path, or "
                 "pass the path where it is."
             )
-        return cls(sentencepiece.SentencePieceProcessor(model_file=path))
+        try:
+            return cls(sentencepiece.SentencePieceProcessor(model_file=path))
+        except RuntimeError as e:  # SentencePiece's only error type, for every bad file
+            raise ValueError(
+                f"{path} is not a SentencePiece model file ({e}); the Grok-1 tokenizer is the "
+                f"release's `{TOKENIZER_FILE}` (the demo model's sits beside its checkpoint)"
+            ) from None
 
     @property
     def vocab_size(self) -> int:

@@ -194,7 +194,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def float32_logits(config):
     """(params, ids [B, W], lengths [B]) -> float32 logits of the float32 library model."""
-    grok = model.Grok1(config, float_formats(), dtype="float32")
+    grok = model.Grok1(config, float_formats(), model.Numerics("float32"))
 
     @jax.jit
     def fn(params, ids, lengths):
@@ -206,7 +206,7 @@ def float32_logits(config):
 
 
 def train(config, stream: np.ndarray, args, heldout=None, log=print) -> tuple[dict, dict]:
-    grok = model.Grok1(config, float_formats(), dtype="float32", moe_strategy="grouped")
+    grok = model.Grok1(config, float_formats(), model.Numerics("float32"), moe_strategy="grouped")
     eval_fn = float32_logits(config)
     start, cpu_start = time.perf_counter(), time.process_time()  # compiles included
     params = grok.init(jax.random.PRNGKey(args.seed))

@@ -59,19 +59,19 @@ def main() -> int:
     import jax
 
     import grok1
-    from grok1.checkpoint import npy_format
+    from grok1.checkpoint import pickle_reader
 
     read_bytes = [0]
-    original = npy_format.TensorFile.read_part
+    original = pickle_reader.PickleTensor.read_part
 
     def counting(self, part, index=None):
         out = original(self, part, index)
         read_bytes[0] += out.nbytes
         return out
 
-    npy_format.TensorFile.read_part = counting
+    pickle_reader.PickleTensor.read_part = counting
     model = grok1.load(args.ckpt, mesh=parse_mesh(args.mesh, args.num_processes))
-    npy_format.TensorFile.read_part = original
+    pickle_reader.PickleTensor.read_part = original
 
     prompts = None
     if distributed.is_primary():
@@ -79,17 +79,6 @@ def main() -> int:
         lengths = np.load(os.path.join(args.ckpt, "lengths.npy"))
         prompts = [tokens[b, : lengths[b]].tolist() for b in range(len(lengths))]
     prompts = distributed.broadcast_prompts(prompts)
-    # process 0 submits, the others run the same steps; one generation, then (with --loop) more
-    out = None
-    if distributed.is_primary():
-        out = model.generate(prompts, max_new_tokens=8, ignore_eos=True)
-        if not args.loop:
-            model.engine.close()
-    else:
-        if args.loop:
-            open(f"{args.out}.{args.process_id}.ready", "w").close()
-        model.engine.follow()
-
     info = {
         "process_id": jax.process_index(),
         "process_count": jax.process_count(),
@@ -101,9 +90,20 @@ def main() -> int:
     }
     with open(f"{args.out}.{args.process_id}.json", "w") as f:
         json.dump(info, f)
+    # process 0 submits, the others run the same steps; one generation, then (with --loop) more
+    out = None
+    if distributed.is_primary():
+        out = model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+        if not args.loop:
+            model.engine.close()
+    else:
+        if args.loop:
+            open(f"{args.out}.{args.process_id}.ready", "w").close()
+        model.engine.follow()
     if distributed.is_primary():
         with open(args.out, "w") as f:
             json.dump(out, f)
+
     if args.loop:
         if distributed.is_primary():
             open(f"{args.out}.{args.process_id}.ready", "w").close()

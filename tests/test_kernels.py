@@ -16,6 +16,7 @@ import pytest
 from grok1 import kernels
 from grok1.config import ModelConfig
 from grok1.model import Grok1, WeightFormats
+from grok1.numerics import Numerics
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason=f"CPU kernels unavailable: {kernels.status()}"
@@ -90,14 +91,16 @@ def test_rounding_is_round_to_nearest_even_for_every_int8_and_scale():
     np.testing.assert_array_equal(np.asarray(unrounded), exact)
 
 
-def test_selection_out_of_range_is_an_error():
-    x, q, scales = random_problem(np.random.default_rng(0), 1, 2, 8, 8, 1)
-    with pytest.raises(Exception, match="outside"):
-        jax.block_until_ready(
-            kernels.q8_matmul(
-                jnp.asarray(x), jnp.asarray(q), jnp.asarray(scales), jnp.array([2], jnp.int32), True
-            )  # fmt: skip
-        )
+def test_selection_past_the_matrices_is_an_error_and_negative_gives_zeros():
+    x, q, scales = random_problem(np.random.default_rng(0), 2, 2, 8, 8, 1)
+    call = lambda sel: kernels.q8_matmul(  # noqa: E731
+        jnp.asarray(x), jnp.asarray(q), jnp.asarray(scales), jnp.array(sel, jnp.int32), True
+    )
+    with pytest.raises(Exception, match="sel\\[1\\] = 2 is not below 2"):
+        jax.block_until_ready(call([0, 2]))
+    out = np.asarray(call([-1, 1]))
+    np.testing.assert_array_equal(out[0], 0.0)
+    assert_float32_sums_close(out[1:], reference(x[1:], q, scales, [1], True))
 
 
 def random_cache(rng, shape):
@@ -141,6 +144,53 @@ def test_dot_rows_matches_numpy(rows, vocab, d):
     assert_float32_sums_close(out, expected)
 
 
+def test_attention_reads_the_named_cache_rows_of_either_dtype():
+    """`rows` maps each batch row to a cache row; a float32 cache is read as it is."""
+    rng = np.random.default_rng(7)
+    layers_, bc, kv, sc, dh, s = 2, 5, 2, 32, 16, 24
+    cache = rng.standard_normal((layers_, bc, kv, sc, dh)).astype(np.float32)
+    rows = np.array([3, 0, 3], np.int32)
+    q = rng.standard_normal((3, kv, 4, dh)).astype(np.float32)
+    p = rng.random((3, kv, 4, s)).astype(np.float32)
+    for stored in (cache, bf16_round(cache).astype(ml_dtypes.bfloat16).view(np.uint16)):
+        values = bf16_round(cache) if stored.dtype == np.uint16 else cache
+        got_s = kernels.attend_scores(jnp.asarray(q), jnp.asarray(stored), 1, s, jnp.asarray(rows))
+        got_o = kernels.attend_values(jnp.asarray(p), jnp.asarray(stored), 1, jnp.asarray(rows))
+        layer = values[1, rows].astype(np.float64)  # [3, Kv, Sc, Dh]
+        want_s = np.einsum("bkrd,bksd->bkrs", q, layer[:, :, :s])
+        want_o = np.einsum("bkrs,bksd->bkrd", p, layer[:, :, :s])
+        assert_float32_sums_close(got_s, want_s)
+        assert_float32_sums_close(got_o, want_o)
+    table = rng.standard_normal((40, dh)).astype(np.float32)
+    x = rng.standard_normal((3, dh)).astype(np.float32)
+    assert_float32_sums_close(kernels.dot_rows(jnp.asarray(x), jnp.asarray(table)),
+                              x.astype(np.float64) @ table.T)  # fmt: skip
+
+
+def test_row_sums_and_float32_products_depend_on_each_row_alone():
+    """A row's sum or product is the same bits whatever the other rows and with zeros appended;
+    and they equal NumPy's up to float32 summation order."""
+    rng = np.random.default_rng(8)
+    row = rng.standard_normal(37).astype(np.float32)
+    alone = kernels.row_sums(jnp.asarray(row[None]))[0]
+    others = rng.standard_normal((9, 64)).astype(np.float32)
+    others[4, :37], others[4, 37:] = row, 0.0
+    np.testing.assert_array_equal(kernels.row_sums(jnp.asarray(others))[4], alone)
+    np.testing.assert_allclose(float(alone), row.astype(np.float64).sum(), rtol=1e-6)
+    w = rng.standard_normal((3, 37, 20)).astype(np.float32)
+    x = rng.standard_normal((6, 37)).astype(np.float32)
+    sel = np.array([0, 2, 1, -1, 2, 0], np.int32)
+    for rounded in (False, True):
+        got = np.asarray(kernels.f32_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sel),
+                                            rounded))  # fmt: skip
+        ww = bf16_round(w) if rounded else w
+        want = np.stack([x[r] @ ww[m] if m >= 0 else np.zeros(20) for r, m in enumerate(sel)])
+        assert_float32_sums_close(got, want)
+        one = kernels.f32_matmul(jnp.asarray(x[1:2]), jnp.asarray(w), jnp.asarray(sel[1:2]),
+                                 rounded)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(one)[0], got[1])
+
+
 def test_attention_layer_out_of_range_is_an_error():
     cache = jnp.zeros((2, 1, 1, 8, 16), jnp.uint16)
     with pytest.raises(Exception, match="layer 2 is outside"):
@@ -154,13 +204,12 @@ CONFIG = ModelConfig.preset("tiny")
                                             ("bfloat16", "fast")])  # fmt: skip
 def test_model_with_kernels_equals_model_without(dtype, rounding):
     formats = WeightFormats.release(CONFIG)
-    with_k = Grok1(CONFIG, formats, dtype=dtype, rounding=rounding)
-    without = Grok1(CONFIG, formats, dtype=dtype, rounding=rounding, cpu_kernels=False)
+    with_k = Grok1(CONFIG, formats, Numerics(dtype, rounding, kernels=True))
+    without = Grok1(CONFIG, formats, Numerics(dtype, rounding))
     assert len(with_k.kernel_matrices()) == 7 and not without.kernel_matrices()
     params = with_k.init(jax.random.PRNGKey(1))
     rng = np.random.default_rng(2)
-    # rows within KERNEL_MAX_ROWS (the kernel), and past it (XLA on the whole stacks' slices);
-    # one-token decode steps go through the kernel in tests/test_engine.py and test_golden.py
+    # few rows and many; cached steps are below and in tests/test_engine.py, test_golden.py
     shapes = [(3, 5), (2, 40)] if (dtype, rounding) == ("bfloat16", "release") else [(3, 5)]
     for batch, length in shapes:
         tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (batch, length)), jnp.int32)
@@ -172,7 +221,7 @@ def test_model_with_kernels_equals_model_without(dtype, rounding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05, rtol=0.02)
         assert (np.asarray(a).argmax(-1) == np.asarray(b).argmax(-1)).mean() > 0.95
         if rounding == "fast":  # unrounded weights: not the release's numbers
-            release = Grok1(CONFIG, formats, dtype=dtype, cpu_kernels=False)
+            release = Grok1(CONFIG, formats, Numerics(dtype))
             r = jax.jit(release.apply)(params, tokens, positions, mask)[0].astype(jnp.float32)
             assert not np.array_equal(np.asarray(a), np.asarray(r))
 
@@ -182,8 +231,8 @@ def test_cached_steps_with_kernels_equal_steps_without():
     in place (and the int8 kernel computes the projections); XLA slices and widens it."""
     from grok1.cache import KVCache
 
-    with_k = Grok1(CONFIG, WeightFormats.release(CONFIG))
-    without = Grok1(CONFIG, WeightFormats.release(CONFIG), cpu_kernels=False)
+    with_k = Grok1(CONFIG, WeightFormats.release(CONFIG), Numerics(kernels=True))
+    without = Grok1(CONFIG, WeightFormats.release(CONFIG), Numerics())
     params = with_k.init(jax.random.PRNGKey(3))
     rng = np.random.default_rng(4)
     batch, prompt, capacity, kv_len = 2, 6, 32, 16

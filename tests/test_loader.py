@@ -1,5 +1,6 @@
-"""Tests of checkpoint loading: release and converted formats, the layer-by-layer path, sharded
-reads on a simulated 8-device mesh, errors, and progress.
+"""Tests of checkpoint loading: release and converted (safetensors) formats, the layer-by-layer
+path, sharded reads on a simulated 8-device mesh, errors, the one pass (one parameter table, the
+memory checked before any read, no planner), and progress.
 
 References are independent of the loader: the release files read whole with `read_checkpoint`
 and stacked in NumPy here, and a single-device load for the sharded runs.
@@ -8,7 +9,6 @@ and stacked in NumPy here, and a single-device load for the sharded runs.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -17,18 +17,22 @@ import sys
 import numpy as np
 import pytest
 
-from grok1.checkpoint import loader, safe_format
-from grok1.checkpoint.npy_format import TensorFile
+from grok1.checkpoint import loader
+from grok1.checkpoint import safetensors_format as sf
+from grok1.checkpoint.pickle_reader import PickleTensor
 from grok1.checkpoint.release import (
+    GLOBALS,
+    MODULES,
     CheckpointError,
     QuantizedWeight8bit,
     read_checkpoint,
     release_param_paths,
+    release_path,
     tensor_filename,
     write_tensor,
 )
 from grok1.config import ModelConfig
-from grok1.model import param_table
+from grok1.model import MOE, param_table
 from grok1.progress import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,9 +56,9 @@ def assert_identical(a: dict, b: dict) -> None:
 def reference(case: str, config: ModelConfig) -> dict:
     """Every model leaf built in NumPy from the whole release files (float32 mode)."""
     leaves = read_checkpoint(case, config)
-    out = {key: leaves[path] for path, key in loader.GLOBALS.items()}
-    for suffix, (module, leaf, _) in loader.MODULES.items():
-        values = [leaves[loader.release_path(suffix, i)] for i in range(config.num_layers)]
+    out = {key: leaves[path] for path, key in GLOBALS.items()}
+    for suffix, (module, leaf, _) in MODULES.items():
+        values = [leaves[release_path(suffix, i)] for i in range(config.num_layers)]
         if isinstance(values[0], QuantizedWeight8bit):
             out[(module, "scales")] = np.stack([v.scales for v in values])
             values = [v.weight for v in values]
@@ -66,7 +70,8 @@ def reference(case: str, config: ModelConfig) -> dict:
 def converted(tmp_path_factory) -> dict:
     """Each golden case converted once: {case name: converted dir}."""
     root = tmp_path_factory.mktemp("converted")
-    return {case: safe_format.convert(os.path.join(GOLDEN, case), root / case) for case in CASES}
+    return {case: sf.convert(os.path.join(GOLDEN, case), root / case, shard_bytes=1 << 20)
+            for case in CASES}  # fmt: skip
 
 
 def copy_case(case: str, dest) -> str:
@@ -102,45 +107,6 @@ def test_layer_by_layer_equals_whole_leaf(source, converted):
     assert_identical(as_numpy(whole), as_numpy(layered))
 
 
-def test_converted_index_and_files(converted):
-    directory = converted["case1_gqa6to1_1dev_bs1"]
-    config = ModelConfig.load(directory)
-    assert config == ModelConfig.load(CASE)
-    with open(os.path.join(directory, safe_format.INDEX_FILE)) as f:
-        index = json.load(f)
-    assert (index["format"], index["version"]) == (safe_format.FORMAT, safe_format.VERSION)
-    assert list(index["tensors"]) == release_param_paths(config)
-    query = index["tensors"]["transformer/decoder_layer_0/multi_head_attention/query/w"]
-    assert query["kind"] == "quantized"
-    scales = query["parts"]["scales"]
-    assert (scales["dtype"], np.dtype(scales["stored_as"])) == ("bfloat16", np.uint16)
-    stored = np.load(os.path.join(directory, scales["file"]), allow_pickle=False)
-    assert stored.dtype == np.uint16 and list(stored.shape) == scales["shape"]
-    names = {p["file"] for t in index["tensors"].values() for p in t["parts"].values()}
-    assert names | {"index.json", "config.json"} == set(os.listdir(directory))
-
-
-def test_convert_is_atomic(tmp_path, monkeypatch):
-    calls = []
-    real = safe_format._write_npy
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise OSError("disk full (simulated)")
-        return real(*args)
-
-    monkeypatch.setattr(safe_format, "_write_npy", failing)
-    with pytest.raises(OSError, match="disk full"):
-        safe_format.convert(CASE, tmp_path / "out")
-    assert os.listdir(tmp_path) == []  # neither out nor the temporary directory
-    monkeypatch.setattr(safe_format, "_write_npy", real)
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "x").write_text("")
-    with pytest.raises(CheckpointError, match="already exists"):
-        safe_format.convert(CASE, tmp_path / "taken")
-
-
 # ---------------------------------------------------------------------------------------------
 # Errors name the file and the parameter.
 # ---------------------------------------------------------------------------------------------
@@ -172,62 +138,73 @@ def test_release_errors_name_file_and_parameter(tmp_path, index, damage):
     assert file in message and param in message, message
 
 
-def converted_error(directory: str, index: int, part: str, damage) -> tuple[str, str, str]:
-    config = ModelConfig.load(directory)
-    suffix = "" if part == "array" else f".{part}"
-    file = os.path.join(directory, f"t{index:05d}{suffix}.npy")
-    damage(file)
-    with pytest.raises(CheckpointError) as info:
-        loader.load_params(directory, config)
-    return str(info.value), os.path.basename(file), release_param_paths(config)[index]
-
-
-@pytest.mark.parametrize(
-    "index, part, damage",
-    [
-        (5, "weight", truncate),
-        (1, "array", lambda f: np.save(f, np.zeros(7, np.float32))),
-        (6, "scales", os.remove),
-        (0, "array", lambda f: np.save(f, np.array([{}], object), allow_pickle=True)),
-    ],
-    ids=["truncated", "wrong_shape", "missing", "pickled"],
-)
-def test_converted_errors_name_file_and_parameter(tmp_path, index, part, damage):
-    directory = safe_format.convert(CASE, tmp_path / "conv")
-    message, file, param = converted_error(directory, index, part, damage)
-    assert file in message and param in message, message
-
-
-def test_converted_index_refuses_paths_outside(tmp_path):
-    directory = safe_format.convert(CASE, tmp_path / "conv")
-    index_file = os.path.join(directory, safe_format.INDEX_FILE)
-    with open(index_file) as f:
-        index = json.load(f)
-    index["tensors"][release_param_paths(ModelConfig.load(CASE))[1]]["parts"]["array"]["file"] = (
-        "../elsewhere.npy"
-    )
-    with open(index_file, "w") as f:
-        json.dump(index, f)
-    with pytest.raises(CheckpointError, match="not a plain file name"):
-        loader.load_params(directory, ModelConfig.load(CASE))
-
-
 def test_failure_during_reads_stops_the_load(tmp_path, monkeypatch):
     """A file that goes bad after opening fails the load with its name; no hang, no params."""
-    directory = safe_format.convert(CASE, tmp_path / "conv")
-    victim = os.path.join(directory, "t00002.weight.npy")
-    real = safe_format.NpyTensor.read_part
+    directory = sf.convert(CASE, tmp_path / "conv", shard_bytes=1 << 20)
+    config = ModelConfig.load(directory)
+    victim_path = release_param_paths(config)[2]
+    real = sf.SafetensorsTensor.read_part
 
     def read_part(self, part, index=None):
-        if self._parts[part][0] == victim:
-            truncate(victim)
+        if self.locations[part][1] == f"{victim_path}.weight":
+            truncate(self.path)
         return real(self, part, index)
 
-    monkeypatch.setattr(safe_format.NpyTensor, "read_part", read_part)
-    config = ModelConfig.load(directory)
-    with pytest.raises(CheckpointError, match="t00002.weight.npy") as info:
+    monkeypatch.setattr(sf.SafetensorsTensor, "read_part", read_part)
+    with pytest.raises(CheckpointError, match="model-000") as info:
         loader.load_params(directory, config, layerwise_bytes=0)
-    assert release_param_paths(config)[2] in str(info.value)
+    assert victim_path in str(info.value) and "not a valid safetensors file" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# One pass: the table built once, the memory checked before any read, no planner.
+# ---------------------------------------------------------------------------------------------
+def test_memory_is_checked_against_the_placed_bytes_before_any_read(monkeypatch):
+    from grok1 import sharding
+
+    config = ModelConfig.load(CASE)
+    held = sum(a.nbytes for a in as_numpy(loader.load_params(CASE, config)[0]).values())
+    reads = []
+    real = loader._LeafReader._read_one  # noqa: SLF001
+
+    def read_one(self, path, index):
+        reads.append(path)
+        return real(self, path, index)
+
+    monkeypatch.setattr(loader._LeafReader, "_read_one", read_one)  # noqa: SLF001
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda device: held - 1)
+    with pytest.raises(sharding.InsufficientMemoryError, match=f"needs {held / 1e9:.3g} GB per"):
+        loader.load_params(CASE, config)
+    assert reads == []
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda device: held)
+    loader.load_params(CASE, config)  # exactly enough
+    assert reads
+
+
+ONE_PASS = """
+import sys
+import grok1
+from grok1 import model
+real, calls = model.param_table, []
+def counted(*args, **kw):
+    calls.append(args)
+    return real(*args, **kw)
+for module in list(sys.modules.values()):  # wherever it was imported by name
+    if vars(module).get("param_table") is real:
+        setattr(module, "param_table", counted)
+grok1.load(sys.argv[1], mesh={"data": 1, "model": 1})
+print(len(calls), "grok1.plan" in sys.modules)
+"""
+
+
+def test_one_load_builds_the_table_once_and_never_imports_the_planner():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PASS, CASE], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split()[-2:] == ["1", "False"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +248,7 @@ def test_progress_meter_output():
 # ---------------------------------------------------------------------------------------------
 # Sharded reads on 8 simulated devices (in a subprocess: the device count is fixed at start).
 # ---------------------------------------------------------------------------------------------
-RULES = {"ffn": "model", "q_heads": "model", "kv_heads": "model", "vocab": "data"}
+RULES = {"ffn": "model", "q_heads": "model", "kv_heads": "model", "vocab": "data"}  # others whole
 
 
 def _normalize(index, shape) -> tuple:
@@ -284,24 +261,28 @@ def _expected_reads(arr, key, config, files) -> list:
     unique = {
         _normalize(i, arr.shape) for i in arr.sharding.devices_indices_map(arr.shape).values()
     }
-    glob_path = next((p for p, k in loader.GLOBALS.items() if k == key), None)
+    glob_path = next((p for p, k in GLOBALS.items() if k == key), None)
     if glob_path is not None:
         return [(files[glob_path], "array", norm) for norm in unique]
     suffix, matrix = next(
-        (s, mat) for s, (m, n, mat) in loader.MODULES.items() if m == key[0] and n in (key[1], "w")
+        (s, mat) for s, (m, n, mat) in MODULES.items() if m == key[0] and n in (key[1], "w")
     )
     part = "scales" if key[1] == "scales" else "weight" if matrix else "array"
     return [
-        (files[loader.release_path(suffix, layer)], part, norm[1:])
+        (files[release_path(suffix, layer)], part, norm[1:])
         for norm in unique
         for layer in range(*norm[0])
     ]
 
 
-def _sharded_child(case: str) -> None:
-    """Loads `case` on a (2, 4) mesh, twice (whole-leaf and layer-by-layer), recording reads."""
+def _sharded_child(case: str, converted_dir: str) -> None:
+    """Loads `case` on a (2, 4) mesh from the release files and from a conversion with one leaf
+    per file, each twice (whole-leaf and layer-by-layer), recording every read."""
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from grok1 import sharding
+    from grok1.checkpoint import directory
 
     assert jax.device_count() == 8
     config = ModelConfig.load(case)
@@ -309,53 +290,59 @@ def _sharded_child(case: str) -> None:
     single, formats = loader.load_params(case, config, dtype="float32")
     single = as_numpy(single)
     table = param_table(config, formats)
-    files = {p: os.path.join(case, "ckpt-0", tensor_filename(i))
-             for i, p in enumerate(release_param_paths(config))}  # fmt: skip
 
     def shardings(module, leaf, shape):
         axes = table[(module, leaf)][2]
         return NamedSharding(mesh, PartitionSpec(*[RULES.get(a) for a in axes]))
 
     reads = []
-    real = TensorFile.read_part
 
-    def recording(self, part, index=None):
-        out = real(self, part, index)
-        shape = self.scales_shape if part == "scales" else self.shape
-        reads.append((self.path, part, _normalize(index or (), shape), out.nbytes))
-        return out
+    def recording(real):
+        def read_part(self, part, index=None):
+            out = real(self, part, index)
+            shape = self.scales_shape if part == "scales" else self.shape
+            reads.append((self.path, part, _normalize(index or (), shape), out.nbytes))
+            return out
 
-    TensorFile.read_part = recording
-    for layerwise in (1 << 40, 0):
-        reads.clear()
-        params, _ = loader.load_params(
-            case, config, dtype="float32", shardings=shardings, layerwise_bytes=layerwise
-        )
-        expected, kept = [], 0
-        for (module, leaf), arr in ((k, params[k[0]][k[1]]) for k in table):
-            assert arr.sharding == shardings(module, leaf, arr.shape)
-            expected += _expected_reads(arr, (module, leaf), config, files)
-            kept += sum({_normalize(s.index, arr.shape): s.data.nbytes
-                         for s in arr.addressable_shards}.values())  # fmt: skip
-        # each callback read its own devices' slices, each distinct shard once
-        assert sorted(r[:3] for r in reads) == sorted(expected)
-        requested = sum(r[3] for r in reads)
-        file_bytes = sum(a.nbytes for a in single.values())
-        assert requested == kept == file_bytes, (requested, kept, file_bytes)  # not 2x, not 8x
-        moe_up = [r for r in reads if r[0] == files[loader.release_path("moe/linear_v/w", 0)]]
-        assert (
-            sum(r[3] for r in moe_up if r[1] == "weight")
-            == single[(f"{loader.MOE}/up", "w")][0].nbytes
-        )  # 4 distinct F-slices, each read once though 2 devices keep it
-        assert_identical(as_numpy(params), single)
+        return read_part
+
+    PickleTensor.read_part = recording(PickleTensor.read_part)
+    sf.SafetensorsTensor.read_part = recording(sf.SafetensorsTensor.read_part)
+    sf.convert(case, converted_dir, shard_bytes=1)  # one leaf per file
+    for path in (case, converted_dir):
+        files = {p: r.path for p, r in directory.open_readers(path, config).items()}
+        assert len(set(files.values())) == len(files)
+        for layerwise in (1 << 40, 0):
+            reads.clear()
+            params, _ = loader.load_params(
+                path, config, dtype="float32", mesh=mesh,
+                rules={**dict.fromkeys(sharding.RULES), **RULES}, layerwise_bytes=layerwise,
+            )  # fmt: skip
+            expected, kept = [], 0
+            for (module, leaf), arr in ((k, params[k[0]][k[1]]) for k in table):
+                assert arr.sharding == shardings(module, leaf, arr.shape)
+                expected += _expected_reads(arr, (module, leaf), config, files)
+                kept += sum({_normalize(s.index, arr.shape): s.data.nbytes
+                             for s in arr.addressable_shards}.values())  # fmt: skip
+            # each callback read its own devices' slices, each distinct shard once
+            assert sorted(r[:3] for r in reads) == sorted(expected)
+            requested = sum(r[3] for r in reads)
+            file_bytes = sum(a.nbytes for a in single.values())
+            assert requested == kept == file_bytes, (requested, kept, file_bytes)  # not 2x, 8x
+            moe_up = [r for r in reads if r[0] == files[release_path("moe/linear_v/w", 0)]]
+            up = single[(f"{MOE}/up", "w")][0].nbytes
+            assert sum(r[3] for r in moe_up if r[1] == "weight") == up
+            # 4 distinct F-slices, each read once though 2 devices keep it
+            assert_identical(as_numpy(params), single)
     print("SHARDED-OK", requested, file_bytes)
 
 
-def test_sharded_load_reads_only_own_slices():
+def test_sharded_load_reads_only_own_slices(tmp_path):
     case = os.path.join(GOLDEN, "case3_release_layout_8dev")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")  # fmt: skip
-    code = f"from tests.test_loader import _sharded_child; _sharded_child({case!r})"
+    converted = str(tmp_path / "converted")
+    code = f"from tests.test_loader import _sharded_child; _sharded_child({case!r}, {converted!r})"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=300,
@@ -389,7 +376,7 @@ def test_per_host_files_load_identically_and_read_only_their_columns(tmp_path):
     full = sharded.read_part("weight")
     width = full.shape[-1] // 4
     calls = []
-    for f in sharded._files:
+    for f in sharded.files:
         original = f.read_part
         f.read_part = lambda part, index=None, f=f, o=original: (
             calls.append(f.path) or o(part, index)

@@ -8,23 +8,28 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok1 import attention, layers
+from grok1 import attention, kernels, layers
 from grok1.checkpoint import loader, release
 from grok1.config import ModelConfig
 from grok1.model import Grok1, WeightFormats, param_table
+from grok1.numerics import Numerics
 
 BF16 = ml_dtypes.bfloat16
 rng = np.random.default_rng(0)
+CPU = Numerics()  # XLA's own dots and reductions
+# both ways of summing a row: XLA's reductions, and the native kernels' fixed order
+NUMERICS = [CPU] + ([Numerics(kernels=True)] if kernels.available() else [])
 
 
 def test_rms_norm_matches_numpy():
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     scale = rng.normal(size=16).astype(np.float32)
     want = scale * x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
-    got = layers.rms_norm(jnp.asarray(x), jnp.asarray(scale), 1e-5)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-    got_bf16 = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(scale), 1e-5)
-    assert got_bf16.dtype == jnp.bfloat16
+    for numerics in NUMERICS:
+        got = layers.rms_norm(jnp.asarray(x), jnp.asarray(scale), 1e-5, numerics)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+        got_bf16 = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(scale), 1e-5, numerics)
+        assert got_bf16.dtype == jnp.bfloat16
 
 
 def test_rope_half_split_at_an_offset():
@@ -65,9 +70,11 @@ def test_capped_gqa_attention_with_padding():
             p = np.exp(s - s.max(-1, keepdims=True))
             want[bi, :, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, hi // 2]
     heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731  [B, K, S, Dh]
-    got = attention.attend(jnp.asarray(q), heads_first(kk), heads_first(v), jnp.asarray(mask),
-                           config)  # fmt: skip
-    np.testing.assert_allclose(np.asarray(got).reshape(b, t, h, dh), want, rtol=1e-4, atol=1e-4)
+    for numerics in NUMERICS:
+        got = attention.attend(jnp.asarray(q), heads_first(kk), heads_first(v),
+                               jnp.asarray(mask), config, numerics)  # fmt: skip
+        got = np.asarray(got).reshape(b, t, h, dh)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.abs(q[0] @ kk[0, :, 0].T).max() > 30  # the cap mattered
 
 
@@ -84,10 +91,10 @@ def test_grok1_preset_has_the_770_release_parameters():
         layer, suffix = release.parse_release_path(path)
         shape = release.release_shape(config, path)
         if layer is None:
-            module, leaf = loader.GLOBALS[path]
+            module, leaf = release.GLOBALS[path]
             assert ours[(module, leaf)][0] == shape
         else:
-            module, leaf, _ = loader.MODULES[suffix]
+            module, leaf, _ = release.MODULES[suffix]
             assert ours[(module, leaf)][0] == (64, *shape)
         n += int(np.prod(shape))
     assert n == config.num_params()
@@ -118,8 +125,8 @@ def test_row_blocked_matmul_equals_one_block():
     scales = rng.uniform(0.01, 0.1, size=(8, 24)).astype(BF16)
     params = {"w": jnp.asarray(w), "scales": jnp.asarray(scales)}
     x = jnp.asarray(rng.normal(size=(3, 64)).astype(np.float32))
-    one = layers.matmul(x, params, jnp.float32, jnp.float32, rounded=True, blocks=1)
-    many = layers.matmul(x, params, jnp.float32, jnp.float32, rounded=True, blocks=16)
+    one = layers.matmul(x, params, jnp.float32, jnp.float32, CPU, rounded=True, blocks=1)
+    many = layers.matmul(x, params, jnp.float32, jnp.float32, CPU, rounded=True, blocks=16)
     want = np.asarray(x) @ np.asarray(layers.dequantize(params["w"], params["scales"], jnp.float32,
                                                         rounded=True))  # fmt: skip
     np.testing.assert_allclose(np.asarray(one), want, rtol=1e-5, atol=1e-5)
@@ -137,7 +144,7 @@ def test_unrounded_int8_matmul_applies_the_scales_to_the_sums(groups, blocks, x_
     scales = rng.uniform(0.01, 0.1, size=(groups, 24)).astype(BF16)
     params = {"w": jnp.asarray(w), "scales": jnp.asarray(scales)}
     x = jnp.asarray(rng.normal(size=(3, 64)), x_dtype)
-    fn = lambda x: layers.matmul(x, params, jnp.float32, jnp.bfloat16, False, blocks)  # noqa: E731
+    fn = lambda x: layers.matmul(x, params, jnp.float32, jnp.bfloat16, CPU, False, blocks)  # noqa: E731
     got = np.asarray(fn(x), np.float64)
     exact = np.repeat(scales.astype(np.float64), 64 // groups, axis=0) * w
     x64 = np.asarray(x.astype(jnp.float32), np.float64)

@@ -10,6 +10,7 @@ import pytest
 from grok1 import moe
 from grok1.config import ModelConfig
 from grok1.layers import MatrixFormat
+from grok1.numerics import Numerics
 
 BF16_NP = ml_dtypes.bfloat16
 
@@ -68,12 +69,13 @@ def oracle(params, z, k, dtype, rounding="release"):
     return out
 
 
-def make(config, groups, strategy, dtype, rounding="release"):
+def make(config, groups, strategy, dtype, rounding="release", backend="cpu"):
     fmt = MatrixFormat(groups)
     formats = {"gate": fmt, "up": fmt, "down": fmt}
+    numerics = Numerics(jnp.dtype(dtype).name, rounding, backend)
 
     def fn(z):
-        return moe.MoE(config, formats, strategy=strategy, rounding=rounding)(z)
+        return moe.MoE(config, formats, numerics, strategy=strategy)(z)
 
     t = hk.without_apply_rng(hk.transform(fn))
     return t
@@ -108,21 +110,19 @@ def test_strategies_match_loop_oracle(dtype, groups, tokens, rounding):
 
 
 @pytest.mark.parametrize("rounding", ["release", "fast"])
-def test_gpu_formulation_matches_loop_oracle(monkeypatch, rounding):
+def test_gpu_formulation_matches_loop_oracle(rounding):
     """What a GPU backend runs, computed here: one-row products widened to float32 (reductions
     over the int8 weight there), products of more rows as bf16 dots (under "fast", of the int8
     values, exact in bf16)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    from grok1 import layers
-
-    assert layers.dots_in_f32(rows=1) and not layers.dots_in_f32(rows=2)
+    gpu = Numerics(backend="gpu")
+    assert gpu.dots_in_f32(rows=1) and not gpu.dots_in_f32(rows=2)
     dtype, groups, tokens = jnp.bfloat16, 8, 6
     z = jax.random.normal(jax.random.PRNGKey(tokens), (1, tokens, CONFIG.emb_size)).astype(dtype)
     params = make(CONFIG, groups, "gather", dtype).init(jax.random.PRNGKey(1), z)
     want = oracle(params, z.reshape(tokens, -1), CONFIG.num_selected_experts, dtype, rounding)
     scale = np.abs(want).max()
     for strategy in ("auto", "gather", "grouped"):
-        apply = make(CONFIG, groups, strategy, dtype, rounding).apply
+        apply = make(CONFIG, groups, strategy, dtype, rounding, backend="gpu").apply
         dots = [e for e in jax.make_jaxpr(apply)(params, z).eqns if "dot" in e.primitive.name]
         operand_types = {str(v.aval.dtype) for e in dots for v in e.invars} - {"int32"}
         limit = moe.ACCELERATOR_GATHER_FACTOR * CONFIG.num_experts  # rows auto gathers on GPU
@@ -136,10 +136,9 @@ def test_gpu_formulation_matches_loop_oracle(monkeypatch, rounding):
 
 @pytest.mark.parametrize("backend,gathered,beyond", [("cpu", 4, "dense"), ("gpu", 16, "grouped"),
                                                      ("tpu", 16, "grouped")])  # fmt: skip
-def test_auto_strategy_per_backend(monkeypatch, backend, gathered, beyond):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert moe.choose_strategy("auto", gathered, 2, 8) == "gather"
-    assert moe.choose_strategy("auto", gathered + 1, 2, 8) == beyond
+def test_auto_strategy_per_backend(backend, gathered, beyond):
+    assert moe.choose_strategy("auto", gathered, 2, 8, backend) == "gather"
+    assert moe.choose_strategy("auto", gathered + 1, 2, 8, backend) == beyond
 
 
 def test_gather_and_grouped_agree_closely():
@@ -156,7 +155,7 @@ def test_route_ties_go_to_lower_index_and_gates_are_raw():
     w = np.zeros((d, e), np.float32)
     w[0] = [0.0, 1.0, 0.5, 1.0, 0.2, 1.0]  # experts 1, 3, 5 tie for the top
     z = jnp.asarray([[1.0, 0.0, 0.0, 0.0]], jnp.bfloat16)
-    gates, idx = moe.route(z, jnp.asarray(w), 2)
+    gates, idx = moe.route(z, jnp.asarray(w), 2, Numerics())
     assert idx.tolist() == [[1, 3]]
     probs = np.exp(w[0]) / np.exp(w[0]).sum()
     np.testing.assert_allclose(np.asarray(gates)[0], probs[[1, 3]], rtol=1e-6)
@@ -166,7 +165,7 @@ def test_route_ties_go_to_lower_index_and_gates_are_raw():
 def test_route_orders_by_decreasing_gate():
     z = jax.random.normal(jax.random.PRNGKey(0), (32, 16))
     w = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
-    gates, idx = moe.route(z, w, 2)
+    gates, idx = moe.route(z, w, 2, Numerics())
     logits = np.asarray(z, np.float32) @ np.asarray(w, np.float32)
     want = np.argsort(-logits, axis=-1, kind="stable")[:, :2]
     assert (np.asarray(idx) == want).all()
@@ -175,15 +174,15 @@ def test_route_orders_by_decreasing_gate():
 
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="unknown MoE strategy"):
-        moe.choose_strategy("sparse", 4, 2, 8)
+        moe.choose_strategy("sparse", 4, 2, 8, "cpu")
 
 
 def test_requested_gather_gives_way_to_auto_beyond_decode_sized_steps():
     rows = moe.GATHER_MAX_ROWS // 2  # tokens with k = 2: exactly the limit
-    assert moe.choose_strategy("gather", rows, 2, 8) == "gather"
+    assert moe.choose_strategy("gather", rows, 2, 8, "cpu") == "gather"
     assert (
-        moe.choose_strategy("gather", rows + 1, 2, 8)
-        == moe.choose_strategy("auto", rows + 1, 2, 8)
+        moe.choose_strategy("gather", rows + 1, 2, 8, "cpu")
+        == moe.choose_strategy("auto", rows + 1, 2, 8, "cpu")
         != "gather"
     )
-    assert moe.choose_strategy("grouped", 1, 2, 8) == "grouped"  # the others are always kept
+    assert moe.choose_strategy("grouped", 1, 2, 8, "cpu") == "grouped"  # the others are always kept

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +135,113 @@ def test_embedding_lookup_stays_on_the_vocabulary_shards():
     for r in results:
         assert r["equal"], r["case"]
         assert r["all_reduce"] and not r["all_gather"], r["case"]
+
+
+# -- the one mesh parser (run.py --mesh, python -m grok1.plan --mesh, grok1.load(mesh=...)) -------
+def test_parse_mesh_reads_the_command_line_form():
+    from grok1 import sharding
+
+    assert sharding.parse_mesh("data=1,model=8") == {"data": 1, "model": 8}
+    assert sharding.parse_mesh(" model = 4 ") == {"model": 4}
+    assert sharding.parse_mesh("data=2,model=-1") == {"data": 2, "model": -1}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("", "empty"), ("data=1,", "'' is not AXIS=SIZE"), ("model", "'model' is not AXIS=SIZE"),
+     ("=4", "'=4' is not AXIS=SIZE"), ("data=x", "size 'x' of axis 'data' is not an integer"),
+     ("data=1.5", "is not an integer"), ("experts=2", "unknown axes ['experts']"),
+     ("data=1,data=2", "axis 'data' is given twice"), ("model=0", "must be >= 1"),
+     ("model=-2", "must be >= 1 (or -1 for the rest of the devices), got -2")],
+)  # fmt: skip
+def test_parse_mesh_rejects(text, message):
+    from grok1 import sharding
+
+    with pytest.raises(sharding.ShardingError, match=f"^mesh {text!r}: .*{re.escape(message)}"):
+        sharding.parse_mesh(text)
+
+
+def test_mesh_sizes_fill_the_rest_of_the_devices():
+    from grok1 import sharding
+
+    assert sharding.mesh_sizes(None, 8) == {"data": 1, "model": 8}
+    assert sharding.mesh_sizes({}, 8) == {"data": 1, "model": 8}
+    assert sharding.mesh_sizes({"data": 2}, 8) == {"data": 2, "model": 4}
+    assert sharding.mesh_sizes({"model": 2, "data": -1}, 8) == {"data": 4, "model": 2}
+    assert sharding.mesh_sizes({"data": 1, "model": 16}, 8) == {"data": 1, "model": 16}  # planned
+    for spec, message in [
+        ({"data": -1, "model": -1}, "all axes but one"),
+        ({"data": 3}, "do not split into 3 x N"),
+        ({"data": 1.0}, "must be an int, got 1.0"),
+        ({"data": True}, "must be an int, got True"),
+        ({"model": 0}, "must be >= 1"),
+        ({"expert": 2}, "unknown axes ['expert']"),
+    ]:
+        with pytest.raises(sharding.ShardingError, match=re.escape(message)):
+            sharding.mesh_sizes(spec, 8)
+
+
+def test_make_mesh_takes_the_dict_or_the_text_and_checks_the_devices():
+    import jax
+
+    from grok1 import sharding
+
+    devices = jax.devices()[:1] * 4  # shape checks only: the mesh is not used
+    assert dict(sharding.make_mesh("data=2", devices).shape) == {"data": 2, "model": 2}
+    assert dict(sharding.make_mesh({"model": 4}, devices).shape) == {"data": 1, "model": 4}
+    with pytest.raises(sharding.ShardingError, match="needs 8 devices but only 4"):
+        sharding.make_mesh("data=2,model=4", devices)
+
+
+# -- one decision for the parameters and the KV cache ---------------------------------------
+@pytest.mark.parametrize("model", [1, 4, 8, 16])
+def test_kv_heads_are_split_or_whole_alike_for_parameters_and_cache(model):
+    """8 KV heads: split over a model axis of up to 8 devices, whole on every device of a larger
+    one; the key/value projections (as loading places them) and the cache follow suit."""
+    from jax.sharding import AbstractMesh
+
+    from grok1 import sharding
+    from grok1.cache import KVCache
+    from grok1.config import ModelConfig
+    from grok1.model import ATTN, WeightFormats, param_table
+
+    config = ModelConfig.load(case_path(CASE))
+    assert (config.num_q_heads, config.num_kv_heads) == (48, 8)
+    mesh = AbstractMesh((2, model), ("data", "model"))  # placement only: no devices needed
+    table = param_table(config, WeightFormats.release(config))
+    params = sharding.table_shardings(table, config, mesh)
+    cache = KVCache.shapes(config, 4, 16, "bfloat16", mesh)
+    kv = "model" if 1 < model <= 8 else None
+    q = "model" if model > 1 else None
+    assert tuple(params[(f"{ATTN}/key", "w")].spec) == (None, None, kv)
+    assert tuple(params[(f"{ATTN}/value", "w")].spec) == (None, None, kv)
+    assert tuple(params[(f"{ATTN}/query", "w")].spec) == (None, None, q)
+    assert tuple(cache.k.sharding.spec) == tuple(cache.v.sharding.spec)
+    assert tuple(cache.k.sharding.spec) == (None, "data", kv, None, None)
+    assert tuple(cache.lengths.sharding.spec) == ("data",)
+
+
+# -- memory per device -----------------------------------------------------------------------
+@dataclasses.dataclass
+class FakeDevice:
+    limit: int | None
+    id: int = 0
+    device_kind: str = "FakeGPU"
+
+    def memory_stats(self):
+        return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_preflight_error_names_need_and_capacity():
+    from grok1 import sharding
+
+    with pytest.raises(
+        sharding.InsufficientMemoryError, match="needs 50 GB per device, this mesh has 40 GB"
+    ):
+        sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(40 * 10**9, id=1)])
+
+
+def test_preflight_passes_and_skips_devices_without_stats():
+    from grok1 import sharding
+
+    sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(None)])

@@ -89,6 +89,17 @@ def test_load_missing_file_names_path_and_fix(tmp_path):
     assert "grok-1" in str(err.value)
 
 
+def test_load_a_file_that_is_not_a_sentencepiece_model(tmp_path):
+    for name, data in (
+        ("empty.model", b""),
+        ("text.model", b"hello\n"),
+        ("bin.model", bytes(range(256))),
+    ):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name} is not a SentencePiece model file"):
+            Tokenizer.load(tmp_path / name)
+
+
 def test_load_directory_finds_tokenizer_model(tiny_tok, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(tiny_tok._sp.serialized_model_proto())
     assert Tokenizer.load(tmp_path).vocab_size == 300

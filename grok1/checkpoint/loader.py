@@ -1,28 +1,34 @@
-"""From checkpoint files to model parameters, and back.
+"""From checkpoint files to model parameters placed on devices, and back.
 
-`load_params` validates a checkpoint against the config (the release's `ckpt-0/` pickles, or the
-converted `.npy` files of `safe_format`), then builds every (layer-stacked) parameter with
-`jax.make_array_from_callback`: each device's callback reads only the slice of each layer's file
-that the device keeps (`TensorFile.read_*` seeks to the bytes it needs, `NpyTensor` copies them
-out of an mmap), and devices holding the same shard share one read, so a host materialises only
-its own shards and never the whole checkpoint. Leaves are read in parallel, largest first.
+`load_params` is one pass in one direction:
+  1. open the checkpoint's readers (`directory.open_readers`: the release's `ckpt-0/` pickles or a
+     converted safetensors checkpoint, every leaf checked against the config) and read each
+     matrix's format off them (`read_formats`: int8 with grouped scales, or float32);
+  2. build the parameter table once (`grok1.model.param_table`: shape, dtype, logical axes);
+  3. derive every leaf's sharding once from that table (`grok1.sharding.table_shardings`);
+  4. check each of this host's devices can hold its share, before any weight is read;
+  5. place the leaves: every (layer-stacked) parameter is built with
+     `jax.make_array_from_callback`; each device's callback reads only the slice of each layer's
+     leaf that the device keeps (`TensorReader.read_part` reads just those bytes), and devices
+     holding the same shard share one read, so a host materialises only its own shards and never
+     the whole checkpoint. Leaves are read in parallel, largest first.
 
 Host memory. A small leaf's host slice is built whole ([L, ...] at once). A stacked leaf whose
 host bytes exceed `layerwise_bytes` (256 MiB by default; Grok-1's MoE leaves are ~100 GB) is
 placed one layer at a time into a pre-placed zeros array (`_build_layered`), so the host holds
 about one layer's slice per worker. Both paths give identical arrays.
 
-The table `MODULES` maps a release leaf suffix (SPEC.md §3) to the model's parameter
-(`grok1.model.param_table`); nothing else in the package knows the release's names.
+The release's names map to the model's parameters through `release.MODULES` / `release.GLOBALS`.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,41 +36,20 @@ import ml_dtypes
 import numpy as np
 
 from grok1 import layers
-from grok1.checkpoint import release, safe_format
+from grok1.checkpoint import directory as checkpoint_dir
+from grok1.checkpoint import release
+from grok1.checkpoint.release import GLOBALS, MODULES, release_path
+from grok1.checkpoint.tensors import CheckpointError, QuantizedWeight8bit
 from grok1.config import ModelConfig
-from grok1.model import ATTN, MOE, STACK, WeightFormats, param_table
+from grok1.model import STACK, WeightFormats, param_table
 from grok1.progress import Progress
+from grok1.sharding import RULES, preflight, table_shardings
 
 BF16_NP = np.dtype(ml_dtypes.bfloat16)
 LAYERWISE_BYTES = 256 << 20  # stacked leaves above this many host bytes are placed layer by layer
 
-# release suffix -> (module, leaf name, matrix name or None)
-MODULES = {
-    "moe/linear/w": (f"{MOE}/gate", "w", "gate"),
-    "moe/linear_1/w": (f"{MOE}/down", "w", "down"),
-    "moe/linear_v/w": (f"{MOE}/up", "w", "up"),
-    "multi_head_attention/key/w": (f"{ATTN}/key", "w", "key"),
-    "multi_head_attention/linear/w": (f"{ATTN}/linear", "w", "linear"),
-    "multi_head_attention/query/w": (f"{ATTN}/query", "w", "query"),
-    "multi_head_attention/value/w": (f"{ATTN}/value", "w", "value"),
-    "rms_norm/scale": (f"{STACK}/decoder_layer/attn_norm", "scale", None),
-    "rms_norm_1/scale": (f"{STACK}/decoder_layer/attn_out_norm", "scale", None),
-    "rms_norm_2/scale": (f"{STACK}/decoder_layer/moe_norm", "scale", None),
-    "rms_norm_3/scale": (f"{STACK}/decoder_layer/moe_out_norm", "scale", None),
-    "router/w": (MOE, "router", None),
-}
-GLOBALS = {
-    release.EMBEDDING_PATH: ("grok1/embed", "embeddings"),
-    release.FINAL_NORM_PATH: ("grok1/final_norm", "scale"),
-}
-assert set(MODULES) == set(release.LAYER_SUFFIXES)
 
-
-def release_path(suffix: str, layer: int) -> str:
-    return f"{release.LAYER_PREFIX}{layer}/{suffix}"
-
-
-def dequantize_np(q: release.QuantizedWeight8bit) -> np.ndarray:
+def dequantize_np(q: QuantizedWeight8bit) -> np.ndarray:
     """Host-side `bf16(bf16(w) * scales)` widened to float32 (exact)."""
     w = q.weight.astype(np.float32)
     *lead, n_in, n_out = w.shape
@@ -74,7 +59,7 @@ def dequantize_np(q: release.QuantizedWeight8bit) -> np.ndarray:
     return prod.reshape(w.shape)
 
 
-def _formats(config: ModelConfig, files: dict) -> WeightFormats:
+def read_formats(config: ModelConfig, files: dict) -> WeightFormats:
     """Each matrix's format; int8 only when every layer stores it int8 with the same groups."""
     found = {}
     for suffix in release.MATRIX_SUFFIXES:
@@ -86,25 +71,6 @@ def _formats(config: ModelConfig, files: dict) -> WeightFormats:
         groups = kinds.pop() if len(kinds) == 1 else None  # mixed: dequantise to float32
         found[name] = layers.MatrixFormat(groups)
     return WeightFormats(**found)
-
-
-def open_checkpoint(directory, config: ModelConfig) -> dict:
-    """{release path: TensorFile (or `safe_format.NpyTensor`)}, every leaf checked.
-
-    `directory` holds either the release's `ckpt-0/` or a converted `index.json`
-    (`grok1.checkpoint.safe_format`); the converted format wins when both are present.
-    """
-    if safe_format.is_converted(directory):
-        return safe_format.open_checkpoint(directory, config)
-    files = {}
-    for path, filenames in release.checkpoint_file_groups(directory, config):
-        try:
-            tf = release.open_leaf(filenames)
-        except release.CheckpointError as e:
-            raise release.CheckpointError(f"parameter {path}: {e}") from None
-        release.check_leaf(config, path, tf, where=filenames[0])
-        files[path] = tf
-    return files
 
 
 class _Cancelled(Exception):
@@ -138,8 +104,8 @@ class _LeafReader:
                 out = dequantize_np(tf.read())[index]  # mixed formats across layers
             else:
                 out = tf.read_part(self.part, index)
-        except (release.CheckpointError, OSError) as e:
-            raise release.CheckpointError(f"parameter {path} (model {self.name}): {e}") from None
+        except (CheckpointError, OSError) as e:
+            raise CheckpointError(f"parameter {path} (model {self.name}): {e}") from None
         return out.astype(self.dtype, copy=False)
 
     def __call__(self, index: tuple) -> np.ndarray:
@@ -184,14 +150,26 @@ def _once_per_index(read: Callable) -> Callable:
     return cached
 
 
+def _slice_bytes(key: tuple, shape: tuple, itemsize: int) -> int:
+    sizes = [len(range(*slice(*k).indices(n))) for k, n in zip(key, shape, strict=True)]
+    return math.prod(sizes) * itemsize
+
+
 def host_bytes(sharding: jax.sharding.Sharding, shape: tuple, itemsize: int) -> int:
     """Bytes this host reads for a leaf: each distinct shard of its devices, once."""
     indices = {_index_key(i) for i in sharding.addressable_devices_indices_map(shape).values()}
-    total = 0
-    for key in indices:
-        sizes = [len(range(*slice(*k).indices(n))) for k, n in zip(key, shape, strict=True)]
-        total += math.prod(sizes) * itemsize
-    return total
+    return sum(_slice_bytes(key, shape, itemsize) for key in indices)
+
+
+def check_fits(plans: Mapping) -> None:
+    """Raises `grok1.sharding.InsufficientMemoryError` if one of this host's devices cannot hold
+    its shards of every leaf ({key: (shape, dtype, sharding, ...)}); reads nothing."""
+    held: collections.Counter = collections.Counter()
+    for shape, np_dtype, placement, *_ in plans.values():
+        for device, index in placement.addressable_devices_indices_map(shape).items():
+            held[device] += _slice_bytes(_index_key(index), shape, np_dtype.itemsize)
+    for device in sorted(held, key=lambda d: d.id):
+        preflight(held[device], [device])
 
 
 def _layer_sharding(sharding: jax.sharding.Sharding, ndim: int):
@@ -247,41 +225,51 @@ def load_params(
     config: ModelConfig,
     *,
     dtype: str = "bfloat16",
-    shardings: Callable | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Mapping = RULES,
     max_workers: int = 8,
     progress: Callable[[int], None] | Progress | bool | None = None,
     layerwise_bytes: int = LAYERWISE_BYTES,
 ) -> tuple[dict, WeightFormats]:
-    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted `index.json`).
+    """Reads, validates and places a checkpoint (release `ckpt-0/` or converted safetensors), in
+    the steps of the module docstring.
 
-    Args:
-      directory: holds `ckpt-0/` (release) or `index.json` (`safe_format.convert`).
-      config: the architecture the files must match.
-      dtype: activation dtype; in "bfloat16" mode the embedding is kept as bf16 (the model only
-        ever uses bf16(Emb)), halving its memory.
-      shardings: `(module, leaf, shape) -> jax.sharding.Sharding`; default: the first device.
-      max_workers: leaves read in parallel.
-      progress: a callable, called with the bytes of each slice read (they sum to the bytes this
-        host reads, each distinct shard once); or a `grok1.progress.Progress` (its total is set
-        if unset, and it is closed at the end); or True for a fresh Progress on stderr.
-      layerwise_bytes: a stacked leaf whose host bytes exceed this is placed one layer at a
-        time (`_build_layered`), bounding host memory to one layer's slice per worker.
-    Returns: (params, formats). Raises `CheckpointError` naming the file and the parameter on a
-    missing, truncated or mismatched file; nothing is returned then.
+        Args:
+          directory: holds `ckpt-0/` (release) or `model.safetensors.index.json` (converted by
+            `grok1.convert`).
+          config: the architecture the files must match.
+          dtype: activation dtype; in "bfloat16" mode the embedding is kept as bf16 (the model only
+            ever uses bf16(Emb)), halving its memory.
+          mesh: the mesh the leaves are split over, each by its logical axes and `rules`
+            (`grok1.sharding`); None puts every leaf whole on this host's first device.
+          rules: logical axis -> mesh axis (`grok1.sharding.RULES` or `EXPERT_PARALLEL_RULES`).
+          max_workers: leaves read in parallel.
+          progress: a callable, called with the bytes of each slice read (they sum to the bytes this
+            host reads, each distinct shard once); or a `grok1.progress.Progress` (its total is set
+            if unset, and it is closed at the end); or True for a fresh Progress on stderr.
+          layerwise_bytes: a stacked leaf whose host bytes exceed this is placed one layer at a
+            time (`_build_layered`), bounding host memory to one layer's slice per worker.
+        Returns: (params, formats). Raises `CheckpointError` naming the file and the parameter on a
+        missing, truncated or mismatched file, `grok1.sharding.ShardingError` on a leaf the mesh
+        does not divide, and `InsufficientMemoryError` (before reading any weight) when a device
+        cannot hold its share; nothing is returned then.
     """
-    files = open_checkpoint(directory, config)
-    formats = _formats(config, files)
+    files = checkpoint_dir.open_readers(directory, config)
+    formats = read_formats(config, files)
     table = param_table(config, formats)
-    if shardings is None:
+    if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = lambda module, leaf, shape: device  # noqa: E731
+        shardings = dict.fromkeys(table, device)
+    else:
+        shardings = table_shardings(table, config, mesh, rules)
     plans = {}
     for key, (shape, leaf_dtype, _) in table.items():
         np_dtype = BF16_NP if leaf_dtype == layers.BF16 else np.dtype(leaf_dtype)
         if key == ("grok1/embed", "embeddings") and dtype == "bfloat16":
             np_dtype = BF16_NP
-        sharding = shardings(*key, shape)
-        plans[key] = (shape, np_dtype, sharding, host_bytes(sharding, shape, np_dtype.itemsize))
+        placement = shardings[key]
+        plans[key] = (shape, np_dtype, placement, host_bytes(placement, shape, np_dtype.itemsize))
+    check_fits(plans)
     report, finish = _reporter(progress, sum(p[3] for p in plans.values()))
     stop = threading.Event()
 
@@ -325,7 +313,7 @@ def params_to_release(params: dict, config: ModelConfig) -> dict:
         scales = get(module, "scales") if matrix and "scales" in params[module] else None
         for layer in range(config.num_layers):
             if scales is not None:
-                value = release.QuantizedWeight8bit(stacked[layer], scales[layer])
+                value = QuantizedWeight8bit(stacked[layer], scales[layer])
             else:
                 value = stacked[layer].astype(np.float32)
             leaves[release_path(suffix, layer)] = value

@@ -1,10 +1,11 @@
-"""The release checkpoint directory: parameter names, file order, shapes, and whole-directory io.
+"""The release checkpoint directory: its file order, shapes, name table, and whole-directory io.
 
 A release checkpoint is `<dir>/ckpt-0/tensor{i:05d}_{p:03d}`, one file per parameter leaf
 (SPEC.md §3, §5), plus an optional `<dir>/config.json`. File `i` holds the i-th leaf in the
 lexicographic order of the Haiku paths, so layers run 0, 1, 10, 11, ..., 19, 2, 20, .... Each
-file's format and the reader's safety model are in `npy_format.py`; this module names and checks
-the files.
+file's format and the reader's safety model are in `pickle_reader.py` (the writer in
+`pickle_writer.py`); this module names, checks and opens the files, and maps the release's names
+to the model's parameters (`MODULES`, `GLOBALS`).
 
 Shapes (letters as in `grok1.config`): embedding [V, D]; per layer MoE `linear`/`linear_v`
 [E, D, F], `linear_1` [E, F, D]; attention `query` [D, H*Dh], `key`/`value` [D, K*Dh], `linear`
@@ -27,23 +28,29 @@ import re
 
 import numpy as np
 
-from grok1.checkpoint.npy_format import (
+from grok1.checkpoint.pickle_reader import open_tensor, read_tensor
+from grok1.checkpoint.pickle_writer import write_tensor
+from grok1.checkpoint.tensors import (
     CheckpointError,
     QuantizedWeight8bit,
-    TensorFile,
-    open_tensor,
-    read_tensor,
-    write_tensor,
+    TensorReader,
+    as_range,
+    empty_result,
+    is_empty,
+    normalize_index,
+    relative,
 )
-from grok1.config import ModelConfig
+from grok1.config import CONFIG_FILE, ModelConfig
+from grok1.model import ATTN, MOE, STACK
 
 __all__ = [
-    "CheckpointError", "QuantizedWeight8bit", "TensorFile", "open_tensor", "read_tensor",
-    "write_tensor", "CKPT_SUBDIR", "EMBEDDING_PATH", "FINAL_NORM_PATH", "LAYER_SUFFIXES",
-    "MATRIX_SUFFIXES", "layer_order", "release_param_paths", "parse_release_path",
-    "release_shape", "is_matrix", "tensor_filename", "checkpoint_files", "check_leaf",
-    "checkpoint_file_groups", "open_leaf", "ShardedTensor",
-    "write_checkpoint", "read_checkpoint",
+    # re-exported for convenience: the error, the quantized leaf, one file's reader and writer
+    "CheckpointError", "QuantizedWeight8bit", "open_tensor", "read_tensor", "write_tensor",
+    "CKPT_SUBDIR", "EMBEDDING_PATH", "FINAL_NORM_PATH", "LAYER_SUFFIXES", "MATRIX_SUFFIXES",
+    "MODULES", "GLOBALS", "release_path", "layer_order", "release_param_paths",
+    "parse_release_path", "release_shape", "is_matrix", "tensor_filename", "check_leaf",
+    "tensor_file_names", "checkpoint_file_groups", "checkpoint_files", "open_leaf",
+    "open_release", "ShardedTensor", "read_checkpoint", "write_checkpoint",
 ]  # fmt: skip
 
 CKPT_SUBDIR = "ckpt-0"
@@ -68,6 +75,33 @@ LAYER_SUFFIXES = (
 MATRIX_SUFFIXES = LAYER_SUFFIXES[:7]  # int8 + scales in the release, or plain float32
 _LAYER_RE = re.compile(r"transformer/decoder_layer_(0|[1-9][0-9]*)/(.+)")
 
+# The name table: release layer suffix -> (model module, leaf name, matrix name or None). The
+# model's parameters (`grok1.model.param_table`) stack the layers: leaf [L, ...] in numeric order.
+MODULES = {
+    "moe/linear/w": (f"{MOE}/gate", "w", "gate"),
+    "moe/linear_1/w": (f"{MOE}/down", "w", "down"),
+    "moe/linear_v/w": (f"{MOE}/up", "w", "up"),
+    "multi_head_attention/key/w": (f"{ATTN}/key", "w", "key"),
+    "multi_head_attention/linear/w": (f"{ATTN}/linear", "w", "linear"),
+    "multi_head_attention/query/w": (f"{ATTN}/query", "w", "query"),
+    "multi_head_attention/value/w": (f"{ATTN}/value", "w", "value"),
+    "rms_norm/scale": (f"{STACK}/decoder_layer/attn_norm", "scale", None),
+    "rms_norm_1/scale": (f"{STACK}/decoder_layer/attn_out_norm", "scale", None),
+    "rms_norm_2/scale": (f"{STACK}/decoder_layer/moe_norm", "scale", None),
+    "rms_norm_3/scale": (f"{STACK}/decoder_layer/moe_out_norm", "scale", None),
+    "router/w": (MOE, "router", None),
+}
+# The two leaves outside the layers: release path -> (model module, leaf name).
+GLOBALS = {
+    EMBEDDING_PATH: ("grok1/embed", "embeddings"),
+    FINAL_NORM_PATH: ("grok1/final_norm", "scale"),
+}
+
+
+def release_path(suffix: str, layer: int) -> str:
+    """The release path of a layer's leaf: "transformer/decoder_layer_3/router/w"."""
+    return f"{LAYER_PREFIX}{layer}/{suffix}"
+
 
 def layer_order(num_layers: int) -> list[int]:
     """Layer indices in file order: lexicographic by decimal name (0, 1, 10, 11, ..., 2, ...)."""
@@ -78,7 +112,7 @@ def release_param_paths(config: ModelConfig) -> list[str]:
     """Leaf paths (without "params/") in file order: file i holds `release_param_paths(c)[i]`."""
     paths = [EMBEDDING_PATH, FINAL_NORM_PATH]
     for layer in layer_order(config.num_layers):
-        paths += [f"{LAYER_PREFIX}{layer}/{suffix}" for suffix in LAYER_SUFFIXES]
+        paths += [release_path(suffix, layer) for suffix in LAYER_SUFFIXES]
     return paths
 
 
@@ -127,8 +161,8 @@ def tensor_filename(index: int, process: int = 0) -> str:
 # Checking leaves against the config.
 # ---------------------------------------------------------------------------------------------
 def _describe(value) -> tuple:
-    """(kind, shape, dtype, scales_shape) of an ndarray, QuantizedWeight8bit or TensorFile."""
-    if isinstance(value, TensorFile) or hasattr(value, "scales_shape"):
+    """(kind, shape, dtype, scales_shape) of an ndarray, QuantizedWeight8bit or TensorReader."""
+    if isinstance(value, TensorReader):
         return value.kind, value.shape, value.dtype, value.scales_shape
     if isinstance(value, QuantizedWeight8bit):
         value.validate()
@@ -147,7 +181,7 @@ def _found_text(kind, shape, dtype, scales_shape) -> str:
 
 
 def check_leaf(config: ModelConfig, path: str, value, *, where: str = "") -> None:
-    """Raises `CheckpointError` unless `value` (ndarray, QuantizedWeight8bit or TensorFile) is a
+    """Raises `CheckpointError` unless `value` (ndarray, QuantizedWeight8bit or TensorReader) is a
     valid leaf `path` for `config`. `where` (e.g. the file) prefixes the message."""
     want, matrix = release_shape(config, path), is_matrix(parse_release_path(path)[1])
     prefix = f"{where}: " if where else ""
@@ -172,72 +206,92 @@ def check_leaf(config: ModelConfig, path: str, value, *, where: str = "") -> Non
 # ---------------------------------------------------------------------------------------------
 # Whole directories.
 # ---------------------------------------------------------------------------------------------
-class ShardedTensor(TensorFile):
+class ShardedTensor(TensorReader):
     """One leaf stored as per-host files split along the last axis (see the module docstring);
-    reads the same way as a `TensorFile`, touching only the files its index needs."""
+    reads touch only the files whose columns the index selects."""
 
-    def __init__(self, files: list):
-        first = files[0]
-        self.path, self.kind, self._files = first.path, first.kind, list(files)
-        self._layouts = self._value = self._stamp = None
-        self._widths = [f.shape[-1] for f in files]
-        self._meta = {}
-        for part in first.parts:
-            shape, dtype = first._meta[part]
+    def __init__(self, files: list[TensorReader]):
+        first, meta = files[0], {}
+        for part, (shape, dtype) in first.meta.items():
             for f in files[1:]:
-                other, other_dtype = f._meta.get(part, (None, None))
+                other = f.meta.get(part)
                 if (
                     f.kind != first.kind
                     or other is None
-                    or other[:-1] != shape[:-1]
-                    or (other_dtype != dtype)
+                    or (other[0][:-1], other[1]) != (shape[:-1], dtype)
                 ):
                     raise CheckpointError(
-                        f"{f.path}: per-host file does not match {first.path} (found "
-                        f"{f.kind} {other}, expected {first.kind} {shape[:-1]} + [columns])"
+                        f"{f.path}: per-host file does not match {first.path} (found {f.kind} "
+                        f"{other}, expected {first.kind} {dtype} {shape[:-1]} + [columns])"
                     )
-            self._meta[part] = ((*shape[:-1], sum(f._meta[part][0][-1] for f in files)), dtype)
+            meta[part] = ((*shape[:-1], sum(f.meta[part][0][-1] for f in files)), dtype)
+        super().__init__(first.path, first.kind, meta)
+        self.files = list(files)
+        self.widths = [f.shape[-1] for f in files]
 
     def read_part(self, part: str, index=None) -> np.ndarray:
-        shape = self._meta[part][0]
-        idx = index if isinstance(index, tuple) else (() if index is None else (index,))
-        idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-        last = idx[-1]
-        if isinstance(last, slice) and last.step not in (None, 1):
-            full = self.read_part(part, idx[:-1] + (slice(None),))
-            return np.ascontiguousarray(full[..., last])
-        start, stop = (
-            (last % shape[-1], last % shape[-1] + 1) if not isinstance(last, slice)
-            else last.indices(shape[-1])[:2]
-        )  # fmt: skip
+        shape, dtype = self.part_meta(part)
+        sel = normalize_index(index, shape)
+        if is_empty(sel):
+            return empty_result(sel, dtype)
+        cols = as_range(sel[-1])
+        lo, hi = min(cols), max(cols) + 1
+        lead = tuple(relative(s, 0) for s in sel[:-1])
         pieces, offset = [], 0
-        for f, width in zip(self._files, self._widths, strict=True):
-            lo, hi = max(start, offset), min(stop, offset + width)
-            if lo < hi:
-                pieces.append(f.read_part(part, idx[:-1] + (slice(lo - offset, hi - offset),)))
+        for f, width in zip(self.files, self.widths, strict=True):
+            a, b = max(lo, offset), min(hi, offset + width)
+            if a < b:
+                pieces.append(f.read_part(part, lead + (slice(a - offset, b - offset),)))
             offset += width
-        if not pieces:
-            return self._files[0].read_part(part, idx[:-1] + (slice(0, 0),))
-        out = np.concatenate(pieces, axis=-1)
-        return out[..., 0] if not isinstance(last, slice) else out
+        out = np.concatenate(pieces, axis=-1)  # columns lo .. hi-1
+        return np.ascontiguousarray(out[..., relative(sel[-1], lo)])
 
     def __repr__(self) -> str:
-        return f"ShardedTensor({self.path!r} + {len(self._files) - 1} more, {dict(self._meta)})"
+        return f"ShardedTensor({self.path!r} + {len(self.files) - 1} more, {self.meta})"
+
+
+def tensor_file_names(directory) -> list[str]:
+    """The `tensor*` file names in `<directory>/ckpt-0/`; one-line errors naming the path when
+    ckpt-0 is missing, is a file, or holds no tensor files."""
+    ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        problem = "is a file" if os.path.exists(ckpt) else "does not exist"
+        raise CheckpointError(
+            f"{ckpt} {problem}; expected a directory holding the release's tensor files "
+            f"({tensor_filename(0)}, {tensor_filename(1)}, ...): put the release's ckpt-0/ there"
+        )
+    names = sorted(n for n in os.listdir(ckpt) if n.startswith("tensor"))
+    if not names:
+        raise CheckpointError(
+            f"{ckpt} holds no tensor files ({tensor_filename(0)}, {tensor_filename(1)}, ...); "
+            f"copy the release's ckpt-0/ files into it (or download them again)"
+        )
+    return names
+
+
+def _missing_config_message(directory: str, ckpt: str, expected: int, present: int) -> str:
+    return (
+        f"{CONFIG_FILE} is missing from {directory}, so the Grok-1 release config is assumed "
+        f"({expected} tensor files), but {ckpt} holds {present}; put this checkpoint's "
+        f"{CONFIG_FILE} in {directory}"
+    )
 
 
 def checkpoint_file_groups(directory, config: ModelConfig) -> list[tuple[str, list[str]]]:
     """[(parameter path, [file of process 0, 1, ...])] in file order, after checking that
     `<directory>/ckpt-0` holds exactly files `_000` .. `_{P-1}` of every expected leaf."""
-    ckpt = os.path.join(os.fspath(directory), CKPT_SUBDIR)
-    if not os.path.isdir(ckpt):
-        raise CheckpointError(f"{ckpt}: no such checkpoint directory (expected <dir>/ckpt-0/)")
-    suffixes = {n.rsplit("_", 1)[-1] for n in os.listdir(ckpt) if n.startswith("tensor")}
+    directory = os.fspath(directory)
+    ckpt = os.path.join(directory, CKPT_SUBDIR)
+    present = set(tensor_file_names(directory))
+    suffixes = {n.rsplit("_", 1)[-1] for n in present}
     processes = sum(1 for p in range(len(suffixes)) if f"{p:03d}" in suffixes) or 1
     paths = release_param_paths(config)
     expected = {tensor_filename(i, p): path for i, path in enumerate(paths)
                 for p in range(processes)}  # fmt: skip
-    present = {n for n in os.listdir(ckpt) if n.startswith("tensor")}
     missing = sorted(set(expected) - present)
+    no_config = not os.path.exists(os.path.join(directory, CONFIG_FILE))
+    if missing and no_config and config == ModelConfig.grok1() and len(present) < len(paths) // 2:
+        raise CheckpointError(_missing_config_message(directory, ckpt, len(paths), len(present)))
     if missing:
         raise CheckpointError(
             f"{ckpt}: missing {len(missing)} file(s), first {missing[0]} (parameter "
@@ -258,10 +312,24 @@ def checkpoint_file_groups(directory, config: ModelConfig) -> list[tuple[str, li
     ]
 
 
-def open_leaf(files: list[str]) -> TensorFile:
-    """A `TensorFile` for a single-file leaf, a `ShardedTensor` for per-host files."""
+def open_leaf(files: list[str]) -> TensorReader:
+    """A reader for one leaf: `open_tensor` of its file, or a `ShardedTensor` of per-host files."""
     opened = [open_tensor(f) for f in files]
     return opened[0] if len(opened) == 1 else ShardedTensor(opened)
+
+
+def open_release(directory, config: ModelConfig) -> dict[str, TensorReader]:
+    """{release path: reader} for every leaf of a release directory, each checked against
+    `config`; nothing is read but the files' opcodes."""
+    readers = {}
+    for path, filenames in checkpoint_file_groups(directory, config):
+        try:
+            reader = open_leaf(filenames)
+        except CheckpointError as e:
+            raise CheckpointError(f"parameter {path}: {e}") from None
+        check_leaf(config, path, reader, where=filenames[0])
+        readers[path] = reader
+    return readers
 
 
 def checkpoint_files(directory, config: ModelConfig) -> list[tuple[str, str]]:
@@ -271,7 +339,7 @@ def checkpoint_files(directory, config: ModelConfig) -> list[tuple[str, str]]:
     if len(groups[0][1]) > 1:
         raise CheckpointError(
             f"{os.path.dirname(groups[0][1][0])}: holds per-host files (_000 .. "
-            f"_{len(groups[0][1]) - 1:03d}); open it with checkpoint_file_groups / open_leaf"
+            f"_{len(groups[0][1]) - 1:03d}); open it with open_release"
         )
     return [(path, files[0]) for path, files in groups]
 
@@ -279,7 +347,7 @@ def checkpoint_files(directory, config: ModelConfig) -> list[tuple[str, str]]:
 def read_checkpoint(directory, config: ModelConfig) -> dict:
     """Reads and checks every leaf: {release path: ndarray | QuantizedWeight8bit}.
 
-    Holds the whole model in memory; sharded loaders use `checkpoint_files` + `open_tensor`.
+    Holds the whole model in memory; sharded loaders use `open_release` and read slices.
     """
     leaves = {}
     for path, files in checkpoint_file_groups(directory, config):

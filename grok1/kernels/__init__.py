@@ -28,17 +28,23 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "q8_matmul.cc", _HERE / "bf16_dots.cc")
+SOURCES = (_HERE / "q8_matmul.cc", _HERE / "bf16_dots.cc", _HERE / "rows.cc")
 HEADERS = (_HERE / "common.h", _HERE / "parallel.h")
 TARGETS = {  # custom-call target: the library's handler symbol
     "grok1_q8_matmul": "Grok1Q8Matmul",
     "grok1_attend_scores": "Grok1AttendScores",
     "grok1_attend_values": "Grok1AttendValues",
     "grok1_dot_rows": "Grok1DotRows",
+    "grok1_row_sums": "Grok1RowSums",
+    "grok1_f32_matmul": "Grok1F32Matmul",
+    "grok1_rms_norm": "Grok1RmsNorm",
+    "grok1_softmax": "Grok1Softmax",
+    "grok1_attend_probs": "Grok1AttendProbs",
 }
 
 _lock = threading.Lock()
@@ -178,7 +184,8 @@ def attend_values(p: jax.Array, cache: jax.Array, layer, rows=None) -> jax.Array
 
 
 def dot_rows(x: jax.Array, table: jax.Array) -> jax.Array:
-    """`x @ table.T` in float32: x [R, D] (cast to float32), table [V, D] uint16 (bf16 bits).
+    """`x @ table.T` in float32: x [R, D] (cast to float32), table [V, D] uint16 (bf16 bits) or
+    float32.
 
     The tied unembedding over `Grok1.embedding_table`. CPU only; call `available()` first.
     """
@@ -186,3 +193,58 @@ def dot_rows(x: jax.Array, table: jax.Array) -> jax.Array:
         "grok1_dot_rows", jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), F32)
     )
     return call(x.astype(F32), table)
+
+
+def row_sums(x: jax.Array) -> jax.Array:
+    """`x.sum(-1)` in float32 for x [..., N], each row summed in one fixed order (lanes by
+    index mod 8, then a fixed tree): a row's sum does not depend on the other rows, and zeros
+    appended to a row do not change it. CPU only; call `available()` first."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call("grok1_row_sums", jax.ShapeDtypeStruct((rows,), F32))
+    return call(x.reshape(rows, n).astype(F32)).reshape(lead)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """`scale * (x * (1 / sqrt(mean(x**2) + eps)))` over the last axis of x [..., N], in float32,
+    each row's sum of squares in `row_sums`' fixed order and every product rounded as written.
+    CPU only; call `available()` first."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call("grok1_rms_norm", jax.ShapeDtypeStruct((rows, n), F32))
+    return call(x.reshape(rows, n).astype(F32), scale.astype(F32), eps=np.float32(eps)).reshape(
+        x.shape
+    )
+
+
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis in float32, `exp(x - max) / sum`, the sum in `row_sums`' order.
+    CPU only; call `available()` first."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call("grok1_softmax", jax.ShapeDtypeStruct((rows, n), F32))
+    return call(x.reshape(rows, n).astype(F32)).reshape(x.shape)
+
+
+def attend_probs(s, mask, mult: float, cap: float, rounded: bool) -> jax.Array:
+    """Attention's probabilities from raw scores s [B, Kv, T * G, S] (as `attend_scores` gives
+    them: row t * G + g is query token t, head g of the group) and mask [B, T, S] (True: the key
+    is seen): `softmax(where(mask, cap * tanh(s' * mult / cap), -1e30))` with s' = bf16(s) and
+    the probabilities rounded to bf16 when `rounded` (the release's bf16 mode), in float32
+    (SPEC.md §2). CPU only; call `available()` first."""
+    b, kv, r, n = s.shape
+    call = jax.ffi.ffi_call("grok1_attend_probs", jax.ShapeDtypeStruct(s.shape, F32))
+    return call(
+        s.astype(F32), mask.astype(bool), mult=np.float32(mult), cap=np.float32(cap),
+        round=bool(rounded), group=np.int64(r // mask.shape[1]),
+    )  # fmt: skip
+
+
+def f32_matmul(x: jax.Array, w: jax.Array, sel: jax.Array, rounded: bool) -> jax.Array:
+    """Row r of the result is `x[r] @ W[sel[r]]` in float32 (zero where sel[r] < 0), each output
+    summed over the inputs in order. x: [R, I]; w: [M, I, O] float32; `rounded` uses each weight
+    as bf16(w). CPU only; call `available()` first."""
+    call = jax.ffi.ffi_call(
+        "grok1_f32_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), F32)
+    )
+    return call(x.astype(F32), w.astype(F32), sel.astype(jnp.int32), rounded=bool(rounded))

@@ -34,16 +34,24 @@ namespace {
 constexpr int64_t kChunkBytes = 16 << 10;  // rows widened to float32 at a time: half of L1
 constexpr int64_t kTableRows = 256;        // table rows per unembedding task
 
+// Elements of the stored arrays as float32: bf16 bits (uint16) or float32 itself.
+inline float ToF32(uint16_t b) { return Bf16ToF32(b); }
+inline float ToF32(float f) { return f; }
+
 #ifdef GROK1_AVX2
 inline __m256 Widen8(const uint16_t* bits) {  // eight bf16 (as bits) to float32
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
 }
+inline __m256 Widen8(const float* f) { return _mm256_loadu_ps(f); }
 #endif
 
-// y[r, j] = x[r] . rows[j] for r < R, j < N: x [R, D] float32, rows [N, D] bf16 bits, y rows
-// `y_stride` apart.
-void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t N, int64_t D,
+// y[r, j] = x[r] . rows[j] for r < R, j < N: x [R, D] float32, rows [N, D] (bf16 bits or
+// float32), y rows `y_stride` apart. Each dot product's sum runs over d in the same order
+// whatever R and N are (eight lanes, then a fixed tree), so a row's results do not depend on
+// the other rows or on how many there are.
+template <typename T>
+void DotRows(const float* x, const T* rows, float* y, int64_t R, int64_t N, int64_t D,
              int64_t y_stride) {
   // a chunk of rows in float32, reused from L1 by every row of x
   const int64_t chunk = std::max<int64_t>(8, kChunkBytes / (4 * D) / 8 * 8);
@@ -54,7 +62,7 @@ void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t 
 #ifdef GROK1_AVX2
     for (; i + 8 <= n * D; i += 8) _mm256_storeu_ps(wide.data() + i, Widen8(rows + j0 * D + i));
 #endif
-    for (; i < n * D; ++i) wide[i] = Bf16ToF32(rows[j0 * D + i]);
+    for (; i < n * D; ++i) wide[i] = ToF32(rows[j0 * D + i]);
     for (int64_t r = 0; r < R; ++r) {
       const float* xr = x + r * D;
       float* yr = y + r * y_stride + j0;
@@ -80,8 +88,18 @@ void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t 
         }
       }
 #endif
-      for (; j < n; ++j) {
+      for (; j < n; ++j) {  // the same sums as the vector path's, one product at a time
         const float* wj = wide.data() + j * D;
+#ifdef GROK1_AVX2
+        if (D % 8 == 0) {
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) {
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + d), _mm256_loadu_ps(wj + d), a);
+          }
+          yr[j] = grok1::SumLanes(a);
+          continue;
+        }
+#endif
         float acc = 0.0f;
         for (int64_t d = 0; d < D; ++d) acc += xr[d] * wj[d];
         yr[j] = acc;
@@ -92,8 +110,8 @@ void DotRows(const float* x, const uint16_t* rows, float* y, int64_t R, int64_t 
 
 #ifdef GROK1_AVX2
 // Columns [d0, d0 + 16) of NR rows of o: 2 x NR accumulators in registers over all S slots.
-template <int NR>
-inline void ValuesBlock(const float* p, const uint16_t* cached, float* o, int64_t S, int64_t Dh,
+template <int NR, typename T>
+inline void ValuesBlock(const float* p, const T* cached, float* o, int64_t S, int64_t Dh,
                         int64_t d0) {
   __m256 a[NR][2];
   for (int r = 0; r < NR; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
@@ -113,8 +131,10 @@ inline void ValuesBlock(const float* p, const uint16_t* cached, float* o, int64_
 }
 #endif
 
-// One (b, k) pair: p [R, S], cached rows [S, Dh] (bf16 bits), o [R, Dh].
-void Values(const float* p, const uint16_t* cached, float* o, int64_t R, int64_t S, int64_t Dh) {
+// One (b, k) pair: p [R, S], cached rows [S, Dh] (bf16 bits or float32), o [R, Dh]. Each
+// output sums over the slots in order, so slots past the context (p = 0) add exact zeros.
+template <typename T>
+void Values(const float* p, const T* cached, float* o, int64_t R, int64_t S, int64_t Dh) {
   int64_t d0 = 0;
 #ifdef GROK1_AVX2
   // blocks of 16 columns by up to 4 rows, each cached row widened once per block
@@ -134,7 +154,7 @@ void Values(const float* p, const uint16_t* cached, float* o, int64_t R, int64_t
   for (int64_t r = 0; r < R; ++r) {  // the remaining columns (all of them without AVX2)
     for (int64_t d = d0; d < Dh; ++d) {
       float acc = 0.0f;
-      for (int64_t j = 0; j < S; ++j) acc += p[r * S + j] * Bf16ToF32(cached[j * Dh + d]);
+      for (int64_t j = 0; j < S; ++j) acc += p[r * S + j] * ToF32(cached[j * Dh + d]);
       o[r * Dh + d] = acc;
     }
   }
@@ -178,10 +198,10 @@ int64_t ThreadsFor(const ffi::ThreadPool& pool, int64_t bytes) {
 // Attention's two products, one task per (b, k) pair over this layer of the cache. Scores:
 // `in` is q [B, Kv, R, Dh], `out` s [B, Kv, R, S]; values: `in` is p [B, Kv, R, S], `out`
 // o [B, Kv, R, Dh].
-template <bool kScores>
-ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::U16> cache,
-                      ffi::BufferR0<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
-                      ffi::ResultBuffer<ffi::F32> out) {
+template <bool kScores, typename T>
+ffi::Error Attend(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> in, ffi::AnyBuffer cache,
+                  ffi::BufferR0<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                  ffi::ResultBuffer<ffi::F32> out) {
   const char* name = kScores ? "grok1_attend_scores" : "grok1_attend_values";
   int64_t B, Kv, R, Bc, Sc, Dh, offset;
   const int64_t S = (kScores ? out->dimensions() : in.dimensions()).back();
@@ -196,11 +216,11 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffe
     return ffi::Error::InvalidArgument(std::string(name) + ": the head size is not the cache's");
   }
   const float* x = in.typed_data();
-  const uint16_t* layer_cache = cache.typed_data() + offset;
+  const T* layer_cache = static_cast<const T*>(cache.untyped_data()) + offset;
   float* y = out->typed_data();
-  grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * 2), [&](int64_t t) {
+  grok1::ParallelFor(pool, B * Kv, ThreadsFor(pool, B * Kv * S * Dh * sizeof(T)), [&](int64_t t) {
     const int64_t b = t / Kv, k = t % Kv;
-    const uint16_t* cached = layer_cache + (row[b] * Kv + k) * Sc * Dh;
+    const T* cached = layer_cache + (row[b] * Kv + k) * Sc * Dh;
     if (kScores) {
       DotRows(x + t * R * Dh, cached, y + t * R * S, R, S, Dh, S);
     } else {
@@ -210,7 +230,30 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::Buffe
   return ffi::Error::Success();
 }
 
-ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> table,
+// The cache holds bf16 bits (uint16) or float32.
+template <bool kScores>
+ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in, ffi::AnyBuffer cache,
+                      ffi::BufferR0<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  switch (cache.element_type()) {
+    case ffi::DataType::U16: return Attend<kScores, uint16_t>(pool, in, cache, layer, rows, out);
+    case ffi::DataType::F32: return Attend<kScores, float>(pool, in, cache, layer, rows, out);
+    default:
+      return ffi::Error::InvalidArgument("grok1_attend: the cache must be uint16 or float32");
+  }
+}
+
+template <typename T>
+void DotTable(ffi::ThreadPool& pool, const float* xp, const T* tp, float* yp, int64_t R,
+              int64_t D, int64_t V) {
+  const int64_t tasks = (V + kTableRows - 1) / kTableRows;
+  grok1::ParallelFor(pool, tasks, ThreadsFor(pool, V * D * sizeof(T)), [&](int64_t t) {
+    const int64_t v0 = t * kTableRows;
+    DotRows(xp, tp + v0 * D, yp + v0, R, std::min(kTableRows, V - v0), D, V);
+  });
+}
+
+ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer table,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto td = table.dimensions();
@@ -220,15 +263,18 @@ ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return ffi::Error::InvalidArgument("grok1_dot_rows: expected x [R, D], table [V, D], y [R, V]");
   }
   const int64_t R = xd[0], D = xd[1], V = td[0];
-  const float* xp = x.typed_data();
-  const uint16_t* tp = table.typed_data();
-  float* yp = y->typed_data();
-  const int64_t tasks = (V + kTableRows - 1) / kTableRows;
-  grok1::ParallelFor(pool, tasks, ThreadsFor(pool, V * D * 2), [&](int64_t t) {
-    const int64_t v0 = t * kTableRows;
-    DotRows(xp, tp + v0 * D, yp + v0, R, std::min(kTableRows, V - v0), D, V);
-  });
-  return ffi::Error::Success();
+  switch (table.element_type()) {
+    case ffi::DataType::U16:
+      DotTable(pool, x.typed_data(), static_cast<const uint16_t*>(table.untyped_data()),
+               y->typed_data(), R, D, V);
+      return ffi::Error::Success();
+    case ffi::DataType::F32:
+      DotTable(pool, x.typed_data(), static_cast<const float*>(table.untyped_data()),
+               y->typed_data(), R, D, V);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("grok1_dot_rows: the table must be uint16 or float32");
+  }
 }
 
 }  // namespace
@@ -238,7 +284,7 @@ ffi::Error DotRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   ffi::Ffi::Bind()                           \
       .Ctx<ffi::ThreadPool>()                \
       .Arg<ffi::Buffer<ffi::F32>>()          \
-      .Arg<ffi::Buffer<ffi::U16>>()          \
+      .Arg<ffi::AnyBuffer>()                 \
       .Arg<ffi::BufferR0<ffi::S32>>()        \
       .Arg<ffi::Buffer<ffi::S32>>()          \
       .Ret<ffi::Buffer<ffi::F32>>()
@@ -250,5 +296,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1DotRows, DotRowsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

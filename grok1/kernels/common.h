@@ -1,5 +1,5 @@
 // What the kernels in this directory share besides work sharing (parallel.h): the vector
-// instruction set they build for, and bfloat16 bits as float32.
+// instruction set they build for, bfloat16 bits as float32, and how eight lanes are summed.
 #ifndef GROK1_KERNELS_COMMON_H_
 #define GROK1_KERNELS_COMMON_H_
 
@@ -19,6 +19,20 @@ inline float Bf16ToF32(uint16_t b) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+// Eight partial sums added in one fixed tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)):
+// the order in which every eight-lane sum of these kernels is finished.
+inline float SumLanes8(const float* l) {
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+#ifdef GROK1_AVX2
+inline float SumLanes(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return SumLanes8(l);
+}
+#endif
 
 }  // namespace grok1
 

@@ -3,8 +3,9 @@
 //   y[r, :] = x[r, :] @ W[sel[r]],   W[m] = bf16(q[m] * scales[m][group])   (or unrounded)
 //
 // x: [R, I] f32; q: [M, I, O] int8; scales: [M * G, O] bf16, matrix m's G groups in rows
-// [m * G, (m + 1) * G), G dividing I (row i uses group i / (I / G)); sel: [R] int32 in [0, M);
-// y: [R, O] f32. Attribute `rounded`: round each dequantised weight to bfloat16 (round to
+// [m * G, (m + 1) * G), G dividing I (row i uses group i / (I / G)); sel: [R] int32 below M (a
+// row with sel < 0 is zero); y: [R, O] f32. Each output sums over i in order, whatever the other
+// rows are, so a row's result depends on that row alone. Attribute `rounded`: round each dequantised weight to bfloat16 (round to
 // nearest even), as the release does (SPEC.md §4).
 //
 // XLA:CPU does not fuse the int8 -> float conversion into its dot kernels, so without this kernel
@@ -260,20 +261,25 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int32_t* selected = sel.typed_data();
   std::vector<int64_t> rows;  // row ids sorted by selected matrix
   for (int64_t r = 0; r < R; ++r) {
-    if (selected[r] < 0 || selected[r] >= M) {
+    if (selected[r] >= M) {
       return ffi::Error::InvalidArgument("grok1_q8_matmul: sel[" + std::to_string(r) + "] = " +
-                                         std::to_string(selected[r]) + " is outside [0, " +
-                                         std::to_string(M) + ")");
+                                         std::to_string(selected[r]) + " is not below " +
+                                         std::to_string(M));
+    }
+    if (selected[r] < 0) {  // no matrix: a zero row
+      std::fill(problem.y + r * O, problem.y + (r + 1) * O, 0.0f);
+      continue;
     }
     rows.push_back(r);
   }
+  const int64_t kept = static_cast<int64_t>(rows.size());
   std::stable_sort(rows.begin(), rows.end(),
                    [&](int64_t a, int64_t b) { return selected[a] < selected[b]; });
   std::vector<int64_t> group_begin;  // runs of rows that select the same matrix
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < kept; ++r) {
     if (r == 0 || selected[rows[r]] != selected[rows[r - 1]]) group_begin.push_back(r);
   }
-  group_begin.push_back(R);
+  group_begin.push_back(kept);
   const int64_t groups = static_cast<int64_t>(group_begin.size()) - 1;
   // Wide column ranges stream best; split the columns into more ranges until every thread has
   // two tasks to take, in equal widths (multiples of 8) so that no thread is left with a long

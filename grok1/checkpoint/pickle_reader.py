@@ -24,10 +24,11 @@ name. We never let a file choose code to run:
    canonical dtypes. NumPy's `dtype.__setstate__` never sees the pickled state, which is what
    corrupts the process-wide bfloat16 dtype under numpy>=2 + ml_dtypes>=0.6 (SPEC.md §5).
 3. `open_tensor` matches the inert tree against the grammar above and records each array's
-   shape, dtype and byte offset, so that a host can read just its slices (`TensorFile`).
+   shape, dtype and byte offset, so that a host can read just its slices (`PickleTensor`).
 
-`write_tensor` emits the same opcodes byte for byte as numpy 1.26 + CPython's pickler did for the
-release (numpy-1 spellings of the globals), atomically.
+A file that fails any check raises `CheckpointError`, one line naming the file: "not a valid Grok-1
+release tensor file" with the reason, or "truncated" with the bytes it holds and needs.
+`pickle_writer.py` writes the format; `release.py` names the files of a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -41,22 +42,33 @@ import os
 import pickle
 import pickletools
 import struct
-import sys
-import tempfile
 
-import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory is malformed, unsafe, or does not match the config."""
+from grok1.checkpoint.tensors import (
+    BF16,
+    CheckpointError,
+    MemoryTensor,
+    QuantizedWeight8bit,
+    TensorReader,
+    as_range,
+    empty_result,
+    is_empty,
+    normalize_index,
+    relative,
+)
 
 
 class _Refused(Exception):
-    """Internal: a reason to refuse a file; `read_tensor` prefixes the file's path."""
+    """Internal: a reason to refuse a file; `_errors_name` turns it into a `CheckpointError`."""
 
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
+class _Truncated(_Refused):
+    """Internal: the file ends before its contents do."""
+
+    def __init__(self, size: int, needed: int, what: str):
+        super().__init__(f"it holds {size} bytes but needs at least {needed} ({what})")
+
 
 # The globals a release tensor file may name, and the role each plays.
 ALLOWED_GLOBALS = {
@@ -124,54 +136,6 @@ def _check_array_state(version, shape, fortran, nbytes: int, dtype: np.dtype) ->
     return shape
 
 
-class QuantizedWeight8bit:
-    """An int8 matrix with bf16 scales per group of input rows (SPEC.md §4).
-
-    `weight`: int8 [..., In, Out]. `scales`: bfloat16 [..., Gs, Out] where Gs divides In; group g
-    covers input rows [g * In/Gs, (g+1) * In/Gs). Our own plain class: nothing is imported from
-    `__main__` when reading.
-    """
-
-    def __init__(self, weight: np.ndarray, scales: np.ndarray):
-        self.weight = weight
-        self.scales = scales
-        self.validate()
-
-    @staticmethod
-    def check(weight_shape, weight_dtype, scales_shape, scales_dtype) -> None:
-        """Raises `CheckpointError` unless the shapes/dtypes form a valid quantized weight."""
-        w, s = tuple(weight_shape), tuple(scales_shape)
-        problem = None
-        if np.dtype(weight_dtype) != np.int8 or np.dtype(scales_dtype) != BF16:
-            problem = f"dtypes {weight_dtype}/{scales_dtype}; expected int8 weight, bfloat16 scales"
-        elif len(w) < 2 or len(s) != len(w):
-            problem = "weight and scales must have the same rank >= 2"
-        elif s[:-2] != w[:-2] or s[-1] != w[-1]:
-            problem = "scales must equal weight's shape except the second-to-last axis"
-        elif s[-2] < 1 or w[-2] % s[-2]:
-            problem = f"scale groups {s[-2]} do not divide the input dim {w[-2]}"
-        if problem:
-            raise CheckpointError(f"QuantizedWeight8bit weight {w}, scales {s}: {problem}")
-
-    def validate(self) -> None:
-        for name in ("weight", "scales"):
-            if not isinstance(getattr(self, name), np.ndarray):
-                raise CheckpointError(f"QuantizedWeight8bit.{name} must be a numpy array")
-        self.check(self.weight.shape, self.weight.dtype, self.scales.shape, self.scales.dtype)
-
-    @property
-    def shape(self) -> tuple:
-        return self.weight.shape
-
-    @property
-    def num_groups(self) -> int:
-        """Gs, the number of scale groups along the input (second-to-last) axis."""
-        return self.scales.shape[-2]
-
-    def __repr__(self) -> str:
-        return f"QuantizedWeight8bit(weight={self.weight.shape}, scales={self.scales.shape})"
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. The opcode walker: reads the stream, executes nothing, builds an inert tree.
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +191,7 @@ class _Walker:
     def take(self, n: int) -> bytes:
         pos = self.f.tell()
         if pos + n > self.size:
-            raise _Refused(f"truncated: {n} bytes wanted at offset {pos}, file has {self.size}")
+            raise _Truncated(self.size, pos + n, f"the pickle stream ends early, at byte {pos}")
         return self.f.read(n)
 
     def uint(self, n: int) -> int:
@@ -252,9 +216,9 @@ class _Walker:
             raise _Refused("unsupported pickle protocol")
 
     def op_frame(self):
-        length = self.uint(8)
-        if self.f.tell() + length > self.size:
-            raise _Refused("truncated: FRAME reaches past the end of the file")
+        length, pos = self.uint(8), self.f.tell()
+        if pos + length > self.size:
+            raise _Truncated(self.size, pos + length, f"a {length}-byte frame at byte {pos}")
 
     def op_string(self, width: int):
         n = self.uint(width)
@@ -269,9 +233,7 @@ class _Walker:
         n = self.uint(width)
         offset = self.f.tell()
         if offset + n > self.size:
-            raise _Refused(
-                f"truncated: payload of {n} bytes at offset {offset} exceeds the file ({self.size})"
-            )
+            raise _Truncated(self.size, offset + n, f"a {n}-byte payload at byte {offset}")
         value = self.take(n) if n <= _SMALL_BYTES else None
         if value is None:
             self.f.seek(n, os.SEEK_CUR)
@@ -351,6 +313,12 @@ class _Walker:
             self.stack.append(tuple(items))
 
     def run(self):
+        first = self.f.read(8)
+        if not first:
+            raise _Refused("the file is empty")
+        if first[:1] != b"\x80":  # PROTO: every pickle of protocol >= 2 starts with it
+            raise _Refused(f"it does not start with a pickle header (first bytes {first!r})")
+        self.f.seek(0)
         handlers = _HANDLERS
         for _ in range(_MAX_OPS):
             pos = self.f.tell()
@@ -540,17 +508,28 @@ def _finalize(obj):
 
 @contextlib.contextmanager
 def _errors_name(path):
-    """Turns any failure while reading `path` into a `CheckpointError` naming the file."""
+    """Turns any failure while reading `path` into a one-line `CheckpointError` naming the file."""
     try:
         yield
-    except (CheckpointError, _Refused) as e:
-        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
     except (OSError, MemoryError):
         raise
-    except Exception as e:  # anything the unpickler raises on a malformed stream
-        raise CheckpointError(
-            f"{os.fspath(path)}: not a valid release tensor file ({type(e).__name__}: {e})"
-        ) from None
+    except _Truncated as e:
+        raise CheckpointError(f"{os.fspath(path)} is truncated: {e}. Re-download it") from None
+    except Exception as e:  # _Refused, CheckpointError, or anything the unpickler raises
+        known = isinstance(e, (_Refused, CheckpointError))
+        reason = str(e) if known else f"{type(e).__name__}: {e}"
+        raise CheckpointError(_not_a_tensor_file(path, reason)) from None
+
+
+def _not_a_tensor_file(path, reason: str) -> str:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    reason = reason.replace("\n", " ")
+    return (
+        f"{path} is not a valid Grok-1 release tensor file (a protocol-4 pickle of a NumPy array "
+        f"or QuantizedWeight8bit): {reason}. Re-download it, or check that {folder} holds the "
+        f"release's tensor files"
+    )
 
 
 def read_tensor(path) -> np.ndarray | QuantizedWeight8bit:
@@ -630,40 +609,6 @@ def _match_file(tree) -> tuple[str, dict]:
     return "quantized", parts
 
 
-def _normalize_index(index, shape: tuple) -> list:
-    """Per axis, a `range` of selected positions or an int (a squeezed axis)."""
-    if index is None:
-        index = ()
-    elif not isinstance(index, tuple):
-        index = (index,)
-    if len(index) > len(shape):
-        raise IndexError(f"index {index} has more entries than the shape {shape}")
-    out = []
-    for item, n in itertools.zip_longest(index, shape, fillvalue=slice(None)):
-        if isinstance(item, slice):
-            out.append(range(*item.indices(n)))
-        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            i = int(item) + (n if item < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"index {item} is out of bounds for an axis of size {n}")
-            out.append(i)
-        else:
-            raise IndexError(f"only ints and slices may index a tensor file, got {item!r}")
-    return out
-
-
-def _as_range(sel) -> range:
-    return range(sel, sel + 1) if isinstance(sel, int) else sel
-
-
-def _relative(sel, lo: int):
-    """`sel` shifted down by `lo`, as an int or a slice usable on the read buffer."""
-    if isinstance(sel, int):
-        return sel - lo
-    stop = sel.stop - lo
-    return slice(sel.start - lo, stop if stop >= 0 else None, sel.step)
-
-
 _READ_COST = 8 * 1024  # one positioned read costs about as much as reading this many bytes
 
 
@@ -682,8 +627,8 @@ def _plan(layout: ArrayLayout, sel: list) -> int:
     last = max([i for i, f in enumerate(full) if not f], default=0)
 
     def cost(c: int) -> int:
-        reads = math.prod(len(_as_range(s)) for s in sel[:c])
-        r = _as_range(sel[c])
+        reads = math.prod(len(as_range(s)) for s in sel[:c])
+        r = as_range(sel[c])
         return reads * (_READ_COST + (max(r) - min(r) + 1) * math.prod(shape[c + 1 :]) * item)
 
     return min(range(last + 1), key=lambda c: (cost(c), c))
@@ -697,7 +642,7 @@ def _read_region(f, layout: ArrayLayout, sel: list) -> np.ndarray:
         _read_into(f, layout.offset, buf.reshape(1).view(np.uint8))
         return buf
     c = _plan(layout, sel)
-    ranges = [_as_range(s) for s in sel]
+    ranges = [as_range(s) for s in sel]
     lo, hi = min(ranges[c]), max(ranges[c]) + 1
     strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
     buf = np.empty([len(r) for r in ranges[:c]] + [hi - lo] + list(shape[c + 1 :]), dtype)
@@ -705,9 +650,9 @@ def _read_region(f, layout: ArrayLayout, sel: list) -> np.ndarray:
     for k, combo in enumerate(itertools.product(*ranges[:c])):
         start = sum(i * s for i, s in zip(combo, strides[:c], strict=True)) + lo * strides[c]
         _read_into(f, layout.offset + start * dtype.itemsize, rows[k])
-    rest = tuple(_relative(s, 0) for s in sel[c + 1 :])
+    rest = tuple(relative(s, 0) for s in sel[c + 1 :])
     lead = tuple(0 if isinstance(s, int) else slice(None) for s in sel[:c])
-    return np.ascontiguousarray(buf[lead + (_relative(sel[c], lo),) + rest])
+    return np.ascontiguousarray(buf[lead + (relative(sel[c], lo),) + rest])
 
 
 def _read_into(f, offset: int, out: np.ndarray) -> None:
@@ -716,86 +661,33 @@ def _read_into(f, offset: int, out: np.ndarray) -> None:
     while done < len(view):
         n = f.readinto(view[done:])
         if not n:
-            raise _Refused(f"file ends before byte {offset + len(view)}")
+            size = os.fstat(f.fileno()).st_size
+            raise _Truncated(size, offset + len(view), f"an array read at byte {offset}")
         done += n
 
 
-class TensorFile:
-    """A tensor file opened for partial reads; the file is reopened for each read.
+class PickleTensor(TensorReader):
+    """A release tensor file mapped by `open_tensor`: each read reopens the file, refuses it if
+    it changed since, and reads only the spans of the file its index needs."""
 
-    Attributes:
-      path: the file.
-      kind: "array" (a plain ndarray) or "quantized" (a QuantizedWeight8bit).
-      parts: the arrays inside: ("array",) or ("weight", "scales").
-      shape / dtype: of the array, or of the quantized weight.
-      scales_shape: the scales' shape (quantized only, else None).
+    def __init__(self, path, kind: str, layouts: dict, stamp: tuple):
+        super().__init__(path, kind, {k: (v.shape, v.dtype) for k, v in layouts.items()})
+        self.layouts, self.stamp = layouts, stamp
 
-    `read(index)` returns `full[index]` for an "array" file (or the whole QuantizedWeight8bit
-    when `index` is None), `read_weight(index)` / `read_scales(index)` the parts of a quantized
-    one. `index` is an int, a slice, or a tuple of them (NumPy basic indexing, no Ellipsis); the
-    result is a fresh C-contiguous array and only the needed spans of the file are read.
-    """
-
-    def __init__(self, path, kind: str, layouts: dict | None, value=None, stamp=None):
-        self.path, self.kind = os.fspath(path), kind
-        self._layouts, self._value, self._stamp = layouts, value, stamp
-        if value is None:
-            self._meta = {k: (v.shape, v.dtype) for k, v in layouts.items()}
-        elif kind == "array":
-            self._meta = {"array": (value.shape, value.dtype)}
-        else:
-            self._meta = {k: (getattr(value, k).shape, getattr(value, k).dtype)
-                          for k in ("weight", "scales")}  # fmt: skip
-
-    @property
-    def parts(self) -> tuple:
-        return tuple(self._meta)
-
-    @property
-    def shape(self) -> tuple:
-        return self._meta[self.parts[0]][0]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._meta[self.parts[0]][1]
-
-    @property
-    def scales_shape(self) -> tuple | None:
-        return self._meta["scales"][0] if self.kind == "quantized" else None
-
-    def layout(self, part: str) -> ArrayLayout | None:
-        """Byte layout of a part; None when the file was not in the simple layout."""
-        return None if self._layouts is None else self._layouts[part]
+    def layout(self, part: str) -> ArrayLayout:
+        """Where a part's bytes are in the file."""
+        self.part_meta(part)
+        return self.layouts[part]
 
     def read_part(self, part: str, index=None) -> np.ndarray:
-        if part not in self._meta:
-            raise KeyError(f"{self.path}: no part {part!r}; parts are {self.parts}")
-        sel = _normalize_index(index, self._meta[part][0])
-        if self._value is not None:
-            full = self._value if part == "array" else getattr(self._value, part)
-            return np.ascontiguousarray(full[tuple(_relative(s, 0) for s in sel)])
-        if any(isinstance(s, range) and len(s) == 0 for s in sel):
-            return np.empty([len(s) for s in sel if isinstance(s, range)], self._meta[part][1])
+        shape, dtype = self.part_meta(part)
+        sel = normalize_index(index, shape)
+        if is_empty(sel):
+            return empty_result(sel, dtype)
         with _errors_name(self.path), _open_raw(self.path) as f:
-            if _stamp(f) != self._stamp:
-                raise _Refused("the file changed since open_tensor; open it again")
-            return _read_region(f, self._layouts[part], sel)
-
-    def read(self, index=None):
-        if self.kind == "array":
-            return self.read_part("array", index)
-        if index is not None:
-            raise IndexError(f"{self.path} is quantized: index it with read_weight / read_scales")
-        return QuantizedWeight8bit(self.read_part("weight"), self.read_part("scales"))
-
-    def read_weight(self, index=None) -> np.ndarray:
-        return self.read_part("weight", index)
-
-    def read_scales(self, index=None) -> np.ndarray:
-        return self.read_part("scales", index)
-
-    def __repr__(self) -> str:
-        return f"TensorFile({self.path!r}, {self.kind}, {dict(self._meta)})"
+            if _stamp(f) != self.stamp:
+                raise CheckpointError(f"{self.path}: changed since open_tensor; open it again")
+            return _read_region(f, self.layouts[part], sel)
 
 
 def _stamp(f) -> tuple:
@@ -804,11 +696,11 @@ def _stamp(f) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def open_tensor(path) -> TensorFile:
+def open_tensor(path) -> TensorReader:
     """Validates a tensor file's opcodes without running anything and maps its arrays.
 
     Large payloads are skipped, not read. Files in an unusual but valid layout (e.g. Fortran
-    order) are read whole with `read_tensor` and sliced in memory.
+    order) are read whole with `read_tensor` and sliced in memory (a `MemoryTensor`).
     """
     with _errors_name(path), _open_buffered(path) as f:
         tree = _walk(f, os.fstat(f.fileno()).st_size)
@@ -818,227 +710,5 @@ def open_tensor(path) -> TensorFile:
         except _Unsupported:
             kind, layouts = None, None
     if layouts is not None:
-        return TensorFile(path, kind, layouts, stamp=stamp)
-    value = read_tensor(path)
-    return TensorFile(path, "array" if isinstance(value, np.ndarray) else "quantized", None, value)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. The writer: the release's exact opcodes, written atomically.
-# ---------------------------------------------------------------------------------------------
-_FRAME_TARGET = 64 * 1024  # CPython's framing: payloads this large are written outside frames
-_RECONSTRUCT = ("numpy.core.multiarray", "_reconstruct")
-# (dtype argument, byteorder, elsize, alignment, flags) of each dtype's pickled form, as numpy
-# 1.26 + ml_dtypes 0.3.2 wrote them for the release.
-_DTYPE_PICKLE = {
-    np.dtype("<f4"): ("f4", "<", -1, -1, 0),
-    np.dtype("i1"): ("i1", "|", -1, -1, 0),
-    BF16: (("ml_dtypes", "bfloat16"), "<", 2, 2, 80),
-}
-
-
-class _Emitter:
-    """Writes pickle opcodes with CPython's memo and framing behaviour (protocol 4)."""
-
-    def __init__(self, reconstruct=_RECONSTRUCT):
-        self.reconstruct = reconstruct
-        self.chunks: list = [b"\x80\x04"]
-        self.frame = bytearray()
-        self.memo: dict = {}
-        self.memo_size = 0
-
-    def op(self, *codes: bytes):
-        for code in codes:
-            self.frame += code
-
-    def memoize(self, key=None) -> int:
-        self.frame += b"\x94"
-        if key is not None:
-            self.memo[key] = self.memo_size
-        self.memo_size += 1
-        return self.memo_size - 1
-
-    def get(self, key) -> bool:
-        """Emits a memo get for `key` if it was memoized; returns whether it did."""
-        if key not in self.memo:
-            return False
-        i = self.memo[key]
-        self.op(b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i))
-        return True
-
-    def string(self, s: str):
-        if not self.get(("str", s)):
-            data = s.encode("utf-8")
-            head = (
-                b"\x8c" + bytes([len(data)])
-                if len(data) < 256
-                else b"X" + struct.pack("<I", len(data))
-            )
-            self.op(head + data)
-            self.memoize(("str", s))
-
-    def global_(self, module: str, name: str):
-        if not self.get(("global", module, name)):
-            self.string(module)
-            self.string(name)
-            self.op(b"\x93")
-            self.memoize(("global", module, name))
-
-    def int_(self, v: int):
-        if 0 <= v < 256:
-            self.op(b"K" + bytes([v]))
-        elif 0 <= v < 65536:
-            self.op(b"M" + struct.pack("<H", v))
-        elif -(2**31) <= v < 2**31:
-            self.op(b"J" + struct.pack("<i", v))
-        else:
-            data = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
-            self.op(b"\x8a" + bytes([len(data)]) + data)
-
-    def tuple_(self, n: int, marked: bool = False):
-        """Closes a tuple of the last n items (MARK already emitted when `marked`)."""
-        if n == 0 and not marked:
-            self.op(b")")
-            return
-        self.op(b"t" if marked or n > 3 else bytes([0x84 + n]))
-        self.memoize()
-
-    def payload(self, data: memoryview, key=None):
-        n = len(data)
-        if n < 256:
-            head = b"C" + bytes([n])
-        elif n < 2**32:
-            head = b"B" + struct.pack("<I", n)
-        else:
-            head = b"\x8e" + struct.pack("<Q", n)
-        if n >= _FRAME_TARGET:
-            self.commit()
-            self.chunks += [head, data]
-        else:
-            self.op(head, bytes(data))
-        self.memoize(key)
-
-    def boundary(self):
-        if len(self.frame) >= _FRAME_TARGET:
-            self.commit()
-
-    def commit(self):
-        if len(self.frame) >= 4:
-            self.chunks.append(b"\x95" + struct.pack("<Q", len(self.frame)))
-        if self.frame:
-            self.chunks.append(bytes(self.frame))
-        self.frame = bytearray()
-
-    def finish(self) -> list:
-        self.op(b".")
-        self.commit()
-        return self.chunks
-
-
-def _emit_dtype(e: _Emitter, dtype: np.dtype):
-    if e.get(("dtype", dtype.name)):
-        return
-    arg, byteorder, elsize, alignment, flags = _DTYPE_PICKLE[dtype]
-    e.global_("numpy", "dtype")
-    if isinstance(arg, tuple):
-        e.global_(*arg)
-    else:
-        e.string(arg)
-    e.op(b"\x89\x88")
-    e.tuple_(3)
-    e.op(b"R")
-    e.memoize(("dtype", dtype.name))
-    e.op(b"(")
-    e.int_(3)
-    e.string(byteorder)
-    e.op(b"NNN")
-    for v in (elsize, alignment, flags):
-        e.int_(v)
-    e.tuple_(8, marked=True)
-    e.op(b"b")
-
-
-def _emit_array(e: _Emitter, array: np.ndarray):
-    e.global_(*e.reconstruct)
-    e.global_("numpy", "ndarray")
-    e.int_(0)
-    e.tuple_(1)
-    if not e.get(("bytes", b"b")):
-        e.payload(memoryview(b"b"), key=("bytes", b"b"))
-    e.tuple_(3)
-    e.op(b"R")
-    e.memoize()
-    e.op(b"(")
-    e.int_(1)
-    e.op(b"(" if array.ndim > 3 else b"")
-    for n in array.shape:
-        e.int_(n)
-    e.tuple_(array.ndim, marked=array.ndim > 3)
-    _emit_dtype(e, array.dtype)
-    e.op(b"\x89")
-    e.payload(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-    e.tuple_(5, marked=True)
-    e.op(b"b")
-
-
-def _emit_quantized(e: _Emitter, value: QuantizedWeight8bit):
-    e.global_("__main__", "QuantizedWeight8bit")
-    e.op(b")\x81")
-    e.memoize()
-    e.op(b"}")
-    e.memoize()
-    e.op(b"(")
-    for key in ("weight", "scales"):
-        e.string(key)
-        _emit_array(e, getattr(value, key))
-        e.boundary()
-    e.op(b"u", b"b")
-
-
-def tensor_pickle_chunks(value, *, reconstruct=_RECONSTRUCT) -> list:
-    """The pickle of `value` as a list of byte chunks (large payloads are zero-copy views)."""
-    e = _Emitter(reconstruct)
-    if isinstance(value, QuantizedWeight8bit):
-        value.validate()
-        _emit_quantized(e, value)
-    elif isinstance(value, np.ndarray) and value.dtype == np.float32:
-        _emit_array(e, value.astype("<f4", copy=False))
-    else:
-        raise CheckpointError(
-            f"can only write a float32 ndarray or a QuantizedWeight8bit, got "
-            f"{type(value).__name__} {getattr(value, 'dtype', '')}"
-        )
-    return e.finish()
-
-
-def write_tensor(path, value: np.ndarray | QuantizedWeight8bit) -> None:
-    """Writes one release tensor file atomically (temp file in the same directory, fsync,
-    rename); on any failure the previous file, if any, is left untouched."""
-    if sys.byteorder != "little":
-        raise CheckpointError("writing release files is only supported on little-endian hosts")
-    chunks = tensor_pickle_chunks(value)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return PickleTensor(path, kind, layouts, stamp)
+    return MemoryTensor(path, read_tensor(path))

@@ -5,11 +5,12 @@ logical-axis rules give) and an abstract KV cache, then lowers and compiles the 
 chunk and its one-token decode step with `jax.jit(...).lower(...).compile()`. Nothing is
 allocated; XLA's own `memory_analysis()` of each compiled program gives the bytes per device
 (arguments + outputs + temporaries - donated aliases). `preflight` compares such a figure with
-what each device reports it can hold.
+what each device reports it can hold (`grok1.sharding.preflight`).
 
     python -m grok1.plan --config grok1 --mesh data=1,model=8 --batch 1 --context 8192
 
-On a host without 8 devices the command re-runs itself with
+(the command line is `grok1/plan/__main__.py`). On a host without 8 devices the command re-runs
+itself with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (virtual CPU devices), which must be set
 before JAX starts; `dry_run_subprocess` does the same from Python.
 
@@ -18,14 +19,13 @@ Shapes: B batch, S context (cache slots), M prefill chunk, L layers, K KV heads,
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +33,17 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from grok1 import sharding
-from grok1.cache import CACHE_AXES, KVCache
+from grok1.cache import KVCache
 from grok1.config import ModelConfig
 from grok1.model import Grok1, WeightFormats, param_table
+from grok1.numerics import Numerics
+from grok1.sharding import GB
+from grok1.sharding import InsufficientMemoryError as InsufficientMemoryError  # re-exported
+from grok1.sharding import device_memory_limit as device_memory_limit  # re-exported
+from grok1.sharding import preflight as preflight  # re-exported
 
-GB = 1e9
 PREFILL_CHUNK = 1024
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
-
-
-class InsufficientMemoryError(MemoryError):
-    pass
 
 
 class DryRunError(RuntimeError):
@@ -55,8 +55,7 @@ def abstract_params(
 ) -> dict:
     """{module: {leaf: ShapeDtypeStruct}} carrying the rule table's shardings."""
     table = param_table(config, formats)
-    replicate = _replicated(config, mesh)
-    shardings = sharding.table_shardings(table, mesh, replicate=replicate, rules=rules)
+    shardings = sharding.table_shardings(table, config, mesh, rules)
     params: dict = {}
     for (module, leaf), (shape, dtype, _) in table.items():
         params.setdefault(module, {})[leaf] = jax.ShapeDtypeStruct(
@@ -66,20 +65,9 @@ def abstract_params(
 
 
 def abstract_cache(config: ModelConfig, mesh, batch: int, context: int, dtype) -> KVCache:
-    """The KV cache [L, B, K, S, Dh] with batch on "data" and KV heads on "model"."""
-    shapes = KVCache.shapes(config, batch, context, dtype)
-    table = {
-        "k": (shapes.k.shape, None, CACHE_AXES),
-        "v": (shapes.v.shape, None, CACHE_AXES),
-        "lengths": (shapes.lengths.shape, None, ("batch",)),
-    }
-    s = sharding.table_shardings(table, mesh, replicate=_replicated(config, mesh))
-    leaf = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-    return KVCache(
-        k=leaf(shapes.k, s["k"]),
-        v=leaf(shapes.v, s["v"]),
-        lengths=leaf(shapes.lengths, s["lengths"]),
-    )
+    """The KV cache [L, B, K, S, Dh] placed on `mesh` as the engine places it (`KVCache.shapes`:
+    batch on "data", KV heads on "model")."""
+    return KVCache.shapes(config, batch, context, dtype, mesh)
 
 
 def abstract_table(grok: Grok1, params) -> jax.ShapeDtypeStruct:
@@ -153,7 +141,7 @@ def dry_run(
     """
     from grok1.engine import Engine  # the engine's own jitted step functions are compiled
 
-    mesh_shape = dict(mesh_shape or {"data": 1, "model": 8})
+    mesh_shape = sharding.mesh_sizes(mesh_shape or {"data": 1, "model": 8}, jax.device_count())
     want = math.prod(mesh_shape.values())
     if jax.device_count() < want:
         raise RuntimeError(
@@ -162,8 +150,10 @@ def dry_run(
         )
     mesh = sharding.make_mesh(mesh_shape)
     sharding.check_mesh(config, mesh, expert_parallel)
+    one_device = mesh.devices.size == 1 and not expert_parallel
+    numerics = Numerics.choose(dtype, kernels=None if one_device else False)
     grok = Grok1(
-        config, WeightFormats.release(config), dtype=dtype, moe_strategy=moe_strategy,
+        config, WeightFormats.release(config), numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,
     )  # fmt: skip
     rules = sharding.EXPERT_PARALLEL_RULES if expert_parallel else sharding.RULES
@@ -210,40 +200,6 @@ def dry_run(
     return report
 
 
-def device_memory_limit(device) -> int | None:
-    """Bytes a device can hold (`memory_stats()["bytes_limit"]`), None where unknown (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return (stats or {}).get("bytes_limit")
-
-
-def preflight(needed_bytes_per_device: int, devices: Sequence | None = None) -> None:
-    """Raises InsufficientMemoryError if some device cannot hold `needed_bytes_per_device`.
-
-    Devices that report no limit (the CPU) are skipped. Pass this process's devices only: the
-    runtime answers memory questions for addressable devices alone.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    for d in devices:
-        limit = device_memory_limit(d)
-        if limit is None:
-            continue
-        if needed_bytes_per_device > limit:
-            raise InsufficientMemoryError(
-                f"needs {needed_bytes_per_device / GB:.3g} GB per device, this mesh has "
-                f"{limit / GB:.3g} GB ({d.device_kind} {d.id}); use a larger model axis, a "
-                f"smaller batch or context, or devices with more memory"
-            )
-
-
-def check_params_fit(config: ModelConfig, mesh) -> int:
-    """Pre-flight before loading: the release-format parameters' bytes per device of `mesh`
-    against each device's memory. Returns the bytes needed per device."""
-    needed = bytes_per_device(abstract_params(config, WeightFormats.release(config), mesh))
-    local = jax.process_index()
-    preflight(needed, [d for d in mesh.devices.flat if d.process_index == local])
-    return needed
-
-
 def config_from(name_or_dir: str) -> ModelConfig:
     """A preset by name, else a checkpoint directory's config (`ModelConfig.load`); a directory
     named like a preset is reached as ./NAME."""
@@ -281,7 +237,7 @@ def dry_run_subprocess(
         cmd += ["--layers", str(layers)]
     if expert_parallel:
         cmd.append("--expert-parallel")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=root, check=False
     )
@@ -291,18 +247,6 @@ def dry_run_subprocess(
             raise DryRunError(lines[-1].removeprefix("error: "))
         raise DryRunError(f"dry run failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _replicated(config: ModelConfig, mesh) -> tuple:
-    return ("kv_heads",) if sharding.kv_replication(config, mesh) > 1 else ()
-
-
-def _parse_mesh(text: str) -> dict:
-    out = {}
-    for part in text.split(","):
-        axis, _, size = part.partition("=")
-        out[axis.strip()] = int(size)
-    return out
 
 
 def summary(r: dict) -> str:
@@ -329,51 +273,3 @@ def summary(r: dict) -> str:
         f"table)"
     )
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--config", default="grok1",
-        help=f"a preset {ModelConfig.PRESETS} or a checkpoint directory (its config.json)",
-    )  # fmt: skip
-    ap.add_argument("--layers", type=int, default=None, help="override num_layers")
-    ap.add_argument("--mesh", default="data=1,model=8")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--expert-parallel", action="store_true", help="whole experts over 'model'")
-    ap.add_argument("--json", default=None, help="write the report here ('-': stdout only)")
-    args = ap.parse_args(argv)
-    mesh_shape = _parse_mesh(args.mesh)
-    try:
-        config = config_from(args.config)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.layers:
-        config = ModelConfig(**{**config.to_dict(), "num_layers": args.layers})
-    try:
-        if jax.device_count() < math.prod(mesh_shape.values()):
-            r = dry_run_subprocess(
-                args.config, mesh_shape, args.batch, args.context, args.dtype,
-                layers=args.layers, expert_parallel=args.expert_parallel,
-            )  # fmt: skip
-        else:
-            r = dry_run(
-                config, mesh_shape, args.batch, args.context, args.dtype,
-                expert_parallel=args.expert_parallel,
-            )  # fmt: skip
-    except (sharding.ShardingError, DryRunError) as e:  # a mesh that cannot hold this config
-        raise SystemExit(f"error: {e}") from None
-    if args.json == "-":
-        print(json.dumps(r))
-        return
-    print(summary(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
-    preflight(r["needed_bytes_per_device"])
-
-
-if __name__ == "__main__":
-    main()

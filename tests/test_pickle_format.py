@@ -1,4 +1,5 @@
-"""Tests of one release tensor file: safe reading, sliced reading, exact writing."""
+"""Tests of one release tensor file (`pickle_reader`, `pickle_writer`): safe reading, sliced
+reading, exact writing, and one-line errors naming the file."""
 
 from __future__ import annotations
 
@@ -18,14 +19,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok1.checkpoint import npy_format as nf
-from grok1.checkpoint.npy_format import (
-    CheckpointError,
-    QuantizedWeight8bit,
-    open_tensor,
-    read_tensor,
-    write_tensor,
-)
+from grok1.checkpoint import pickle_reader as pr
+from grok1.checkpoint import pickle_writer as pw
+from grok1.checkpoint.pickle_reader import open_tensor, read_tensor
+from grok1.checkpoint.pickle_writer import write_tensor
+from grok1.checkpoint.tensors import BF16, CheckpointError, MemoryTensor, QuantizedWeight8bit
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = sorted(glob.glob(os.path.join(GOLDEN, "*", "")))
@@ -179,8 +177,8 @@ def malicious_corpus(canary: str) -> dict[str, tuple[bytes, str]]:
         "_pickle.loads": (pk(g("_pickle", "loads"), binbytes(b"x"), b"\x85R"), "_pickle.loads"),
         "another __main__ class": (pk(sg("__main__", "Evil"), b")\x81"), "__main__.Evil"),
         "QuantizedWeight8bit from another module": (
-            pk(sg("grok1.checkpoint.npy_format", "QuantizedWeight8bit"), b")\x81"),
-            "grok1.checkpoint.npy_format.QuantizedWeight8bit",
+            pk(sg("grok1.checkpoint.tensors", "QuantizedWeight8bit"), b")\x81"),
+            "grok1.checkpoint.tensors.QuantizedWeight8bit",
         ),
         "QuantizedWeight8bit subclass name": (
             pk(sg("__main__", "QuantizedWeight8bitSub"), b")\x81"),
@@ -207,7 +205,7 @@ def malicious_corpus(canary: str) -> dict[str, tuple[bytes, str]]:
         "huge declared shape, tiny data": (pk(array_ops((10**12,), raw4)), "holds 4 bytes"),
         "payload longer than the file": (
             pk(b"\x8e" + (2**40).to_bytes(8, "little") + b"abc"),
-            "exceeds the file",
+            "needs at least 1099511627",
         ),
         "persistent id (BINPERSID)": (pk(s("x"), b"Q"), "BINPERSID"),
         "persistent id (PERSID)": (pk(b"Px\n"), "PERSID"),
@@ -281,7 +279,7 @@ def test_refused_globals_never_reach_the_unpickler(tmp_path, canary, monkeypatch
     def boom(self):
         raise AssertionError("the unpickler ran")
 
-    monkeypatch.setattr(nf._RestrictedUnpickler, "load", boom)
+    monkeypatch.setattr(pr._RestrictedUnpickler, "load", boom)
     for data, mention in malicious_corpus(canary).values():
         if re.fullmatch(r"[\w.]+\.\w+", mention):  # the cases that name a global
             path = tmp_path / "bad"
@@ -294,8 +292,8 @@ def test_restricted_unpickler_alone_refuses_globals(canary):
     """Second line of defence: the unpickler's find_class refuses too."""
     for name in ("os.system via GLOBAL", "builtins.eval", "nested pickle.loads"):
         data, _ = malicious_corpus(canary)[name]
-        with pytest.raises(nf._Refused, match="refused global"):
-            nf._RestrictedUnpickler(io.BytesIO(data)).load()
+        with pytest.raises(pr._Refused, match="refused global"):
+            pr._RestrictedUnpickler(io.BytesIO(data)).load()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +311,7 @@ def test_golden_files_read_with_param_index_shapes():
             assert isinstance(value, QuantizedWeight8bit)
             assert list(value.weight.shape) == entry["weight_shape"]
             assert list(value.scales.shape) == entry["scales_shape"]
-            assert value.weight.dtype == np.int8 and value.scales.dtype == nf.BF16
+            assert value.weight.dtype == np.int8 and value.scales.dtype == BF16
             assert value.num_groups == entry["scale_groups"]
 
 
@@ -402,7 +400,7 @@ def test_open_tensor_falls_back_for_fortran_layout(tmp_path):
     want = np.arange(6, dtype="<f4").reshape(2, 3, order="F")
     assert same(read_tensor(path), np.ascontiguousarray(want))
     tf = open_tensor(path)
-    assert tf.layout("array") is None and same(tf.read((1, slice(0, 2))), want[1, :2].copy())
+    assert isinstance(tf, MemoryTensor) and same(tf.read((1, slice(0, 2))), want[1, :2].copy())
 
 
 class CountingFile(io.FileIO):
@@ -424,7 +422,7 @@ def test_slice_of_a_large_file_reads_only_its_rows(tmp_path, monkeypatch):
     value = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
     path = tmp_path / "big"
     write_tensor(path, value)
-    monkeypatch.setattr(nf, "_open_raw", lambda p: CountingFile(p, "r"))
+    monkeypatch.setattr(pr, "_open_raw", lambda p: CountingFile(p, "r"))
     CountingFile.bytes_read = 0
     tf = open_tensor(path)
     part = tf.read(slice(1024, 2048))
@@ -446,7 +444,7 @@ def test_column_slices_read_row_pieces(tmp_path, monkeypatch):
     value = np.arange(64 * 1024 * 8, dtype=np.float32).reshape(8, 64, 1024)
     path = tmp_path / "moe"
     write_tensor(path, value)
-    monkeypatch.setattr(nf, "_open_raw", lambda p: CountingFile(p, "r"))
+    monkeypatch.setattr(pr, "_open_raw", lambda p: CountingFile(p, "r"))
     tf = open_tensor(path)
     CountingFile.bytes_read = 0
     got = tf.read((slice(None), slice(0, 32), slice(512, 1024)))
@@ -460,7 +458,7 @@ def test_output_column_shards_of_an_expert_tensor_read_exact_rows(tmp_path, monk
     value = rng_quantized(rng, (4, 256, 32768), 1)  # 32 MiB of int8
     path = tmp_path / "moe"
     write_tensor(path, value)
-    monkeypatch.setattr(nf, "_open_raw", lambda p: CountingFile(p, "r"))
+    monkeypatch.setattr(pr, "_open_raw", lambda p: CountingFile(p, "r"))
     tf = open_tensor(path)
     CountingFile.bytes_read = 0
     index = (slice(None), slice(None), slice(4096, 8192))
@@ -479,6 +477,68 @@ def test_reading_a_rewritten_file_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# One-line errors naming the file.
+# ---------------------------------------------------------------------------------------------
+def refusal(path) -> str:
+    """The message both readers give for `path` (they must agree), checked to be one line."""
+    messages = []
+    for reader in (read_tensor, open_tensor):
+        with pytest.raises(CheckpointError) as info:
+            reader(path)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    return messages[0]
+
+
+NOT_A_TENSOR_FILE = (
+    "is not a valid Grok-1 release tensor file (a protocol-4 pickle of a NumPy array or "
+    "QuantizedWeight8bit): "
+)
+
+
+def test_non_pickle_files_say_what_a_tensor_file_is(tmp_path):
+    random = b"\xa0" + np.random.default_rng(0).bytes(4095)
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(3, np.float32))
+    cases = {
+        "random": (random, "does not start with a pickle header (first bytes b'\\xa0"),
+        "text": (b"version https://git-lfs.github.com/spec/v1\n", "first bytes b'version "),
+        "npy": (npy.getvalue(), "first bytes b'\\x93NUMPY"),
+        "empty": (b"", "the file is empty"),
+        "protocol-2 list": (pickle.dumps([1.0], protocol=2), "EMPTY_LIST"),
+    }
+    for name, (data, reason) in cases.items():
+        path = tmp_path / "ckpt-0" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        message = refusal(path)
+        assert message.startswith(f"{path} {NOT_A_TENSOR_FILE}"), message
+        assert reason in message, (name, message)
+        assert f"Re-download it, or check that {path.parent} holds the release's" in message
+
+
+def test_truncated_file_says_its_size_and_the_size_it_needs(tmp_path):
+    big = tmp_path / "big"  # payloads over 64 KiB are written outside pickle frames
+    write_tensor(big, rng_quantized(np.random.default_rng(7), (256, 512), 8))
+    golden = os.path.join(CASES[0], "ckpt-0", "tensor00005_000")  # small: one frame
+    weight, frame = open_tensor(big).layout("weight"), os.path.getsize(golden) - 11
+    cuts = {
+        (golden, os.path.getsize(golden) // 2): f"(a {frame}-byte frame at byte 11)",
+        (big, weight.offset + 10): (
+            f"needs at least {weight.offset + weight.nbytes} (a {weight.nbytes}-byte payload "
+            f"at byte {weight.offset})"
+        ),
+        (big, os.path.getsize(big) - 1): f"needs at least {os.path.getsize(big)} (a ",
+    }
+    for (source, keep), detail in cuts.items():
+        path = tmp_path / f"cut{keep}"
+        path.write_bytes(open(source, "rb").read()[:keep])
+        message = refusal(path)
+        assert message.startswith(f"{path} is truncated: it holds {keep} bytes but needs at least ")
+        assert detail in message and message.endswith("Re-download it"), message
+
+
+# ---------------------------------------------------------------------------------------------
 # The writer.
 # ---------------------------------------------------------------------------------------------
 def test_writer_matches_cpython_pickler_framing(monkeypatch):
@@ -488,7 +548,7 @@ def test_writer_matches_cpython_pickler_framing(monkeypatch):
     spelling = ("numpy._core.multiarray", "_reconstruct")
     for shape in [(), (0,), (3,), (16383,), (16384,), (2, 3, 4, 5), (3, 21845)]:
         value = rng.standard_normal(shape).astype(np.float32)
-        mine = b"".join(bytes(c) for c in nf.tensor_pickle_chunks(value, reconstruct=spelling))
+        mine = b"".join(bytes(c) for c in pw.tensor_pickle_chunks(value, reconstruct=spelling))
         assert mine == pickle.dumps(value, protocol=4), shape
 
     class Release:  # the release's class, as seen by pickle
@@ -497,12 +557,12 @@ def test_writer_matches_cpython_pickler_framing(monkeypatch):
     Release.__module__, Release.__qualname__ = "__main__", "QuantizedWeight8bit"
     monkeypatch.setattr(sys.modules["__main__"], "QuantizedWeight8bit", Release, raising=False)
     flags = np.dtype(ml_dtypes.bfloat16).__reduce__()[2][-1]  # this numpy's bf16 flags
-    monkeypatch.setitem(nf._DTYPE_PICKLE, nf.BF16, (("ml_dtypes", "bfloat16"), "<", 2, 2, flags))
+    monkeypatch.setitem(pw._DTYPE_PICKLE, BF16, (("ml_dtypes", "bfloat16"), "<", 2, 2, flags))
     for shape, groups in [((128, 32), 1), ((8, 8192), 1), ((65535, 1), 1), ((64, 1024), 8)]:
         q = rng_quantized(rng, shape, groups)
         release = Release()
         release.weight, release.scales = q.weight, q.scales
-        mine = b"".join(bytes(c) for c in nf.tensor_pickle_chunks(q, reconstruct=spelling))
+        mine = b"".join(bytes(c) for c in pw.tensor_pickle_chunks(q, reconstruct=spelling))
         assert mine == pickle.dumps(release, protocol=4), shape
 
 
@@ -568,7 +628,7 @@ import jax, jax.numpy as jnp, numpy as np, ml_dtypes, glob, pickle, sys
 flags_before = np.dtype(ml_dtypes.bfloat16).flags
 files = sorted(glob.glob(sys.argv[2] + "/*/ckpt-0/*"))
 if sys.argv[1] == "ours":
-    from grok1.checkpoint.npy_format import read_tensor, open_tensor
+    from grok1.checkpoint.pickle_reader import read_tensor, open_tensor
     for f in files:
         read_tensor(f)
         open_tensor(f).read()

@@ -1,0 +1,90 @@
+"""How the model computes, decided once when it is built (`Numerics.choose`): the activation
+dtype, which of the release's bf16 roundings happen, the backend the programs are compiled for,
+and whether the native CPU kernels compute the products and row reductions. The layers receive
+this object; nothing reads the backend or the environment while tracing.
+
+The kernels (`grok1.kernels`) sum every product and every row in an order fixed per row, so with
+them a request's numbers depend on its own tokens only: not on the other requests in the batch,
+on its slot, on the prefill chunk or on the attended bucket (batch invariance). Without them
+(accelerators, or `kernels=False`) XLA's dots and reductions choose their summation order from
+the shapes of the whole batch, which moves results in their last bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+DTYPES = {"bfloat16": BF16, "float32": F32}
+# "release": the roundings the release's compiled program performs under XLA's default flags
+# (its golden logits.npy); "strict": every rounding of SPEC.md §2 as written (what it computes
+# with --xla_allow_excess_precision=false, logits_strict.npy); "fast": "release" with the int8
+# weights used unrounded (not the release's numerics; faster on CPU). See `grok1.model.Grok1`.
+ROUNDINGS = ("release", "strict", "fast")
+BACKENDS = ("cpu", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """Attributes:
+    dtype: activations, "bfloat16" (the release) or "float32".
+    rounding: "release", "strict" or "fast" (see ROUNDINGS and `grok1.model.Grok1`).
+    backend: the platform the programs are compiled for ("cpu", "gpu", "tpu").
+    kernels: the native CPU kernels compute every matrix product, attention product and row
+      reduction of a cached step (batch invariance, see the module docstring).
+    """
+
+    dtype: str = "bfloat16"
+    rounding: str = "release"
+    backend: str = "cpu"
+    kernels: bool = False
+
+    def __post_init__(self):
+        for name, value, choices in (("dtype", self.dtype, tuple(DTYPES)),
+                                     ("rounding", self.rounding, ROUNDINGS),
+                                     ("backend", self.backend, BACKENDS)):  # fmt: skip
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if self.kernels and self.backend != "cpu":
+            raise ValueError(f"the native kernels run on the CPU, not on {self.backend!r}")
+
+    @classmethod
+    def choose(
+        cls, dtype: str = "bfloat16", rounding: str = "release", kernels: bool | None = None,
+        backend: str | None = None,
+    ) -> Numerics:  # fmt: skip
+        """The numerics for this process: the default backend, and the kernels wherever they
+        can run (`kernels=None`: on the CPU when they are built; True insists, False refuses)."""
+        from grok1 import kernels as native
+
+        backend = backend or jax.default_backend()
+        if kernels is None:
+            kernels = backend == "cpu" and native.available()
+        elif kernels and not (backend == "cpu" and native.available()):
+            raise ValueError(f"the native CPU kernels cannot run here: {native.status()}")
+        return cls(dtype, rounding, backend, bool(kernels))
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def dots_in_f32(self, rows: int | None = None) -> bool:
+        """Whether a product's bf16 operands are widened to float32 first (`layers.dot`).
+
+        On CPU always: XLA:CPU runs bf16 dots and bf16 elementwise math several times slower
+        than float32. On GPU for a product of one row (`rows` == 1: each (token, slot) product of
+        the MoE's "gather" path, and the projections of a one-token step): XLA turns a one-row
+        float32 dot into a reduction and fuses the int8 weight's dequantisation into it, so the
+        weight is read once where it lies; as a bf16 dot, the weight is first dequantised into a
+        bf16 copy (read 1 byte, write 2, read 2 per weight).
+        """
+        return self.backend == "cpu" or (self.backend == "gpu" and rows == 1)
+
+    def rounded_for(self, quantized: bool) -> bool | None:
+        """The `rounded` argument (`layers.dequantize`) of a matrix: False for an int8 matrix
+        under "fast" (used as q * s exactly), None (the dtype's rule) otherwise."""
+        return False if self.rounding == "fast" and quantized else None
