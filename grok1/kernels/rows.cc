@@ -5,6 +5,7 @@
 //   grok1_row_sums:    y[r] = sum_j x[r, j]
 //   grok1_rms_norm:    y[r, j] = scale[j] * (x[r, j] * (1 / sqrt(sum_j x[r, j]^2 / N + eps)))
 //   grok1_softmax:     y[r, :] = softmax(x[r, :])
+//   grok1_log_softmax: y[r, :] = x[r, :] - max - log(sum(exp(x[r, :] - max)))
 //   grok1_attend_probs: attention's probabilities from its raw scores (below)
 //   grok1_f32_matmul: y[r, :] = x[r, :] @ W[sel[r]]       (W[m] float32, used as bf16(W) when
 //                                                          `rounded`; a row with sel < 0 is 0)
@@ -197,12 +198,25 @@ void SoftmaxInPlace(float* x, int64_t n, bool round) {
   for (int64_t j = 0; j < n; ++j) x[j] = round ? RoundBf16(x[j] / total) : x[j] / total;
 }
 
-ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::ResultBuffer<ffi::F32> y) {
+// x[0:n) <- x - max - log(sum(exp(x - max))) in place (the sum in RowSum's order).
+void LogSoftmaxInPlace(float* x, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, x[j]);
+  std::vector<float> e(n);
+  for (int64_t j = 0; j < n; ++j) e[j] = x[j] - top;
+  ExpInPlace(e.data(), n);
+  const float log_total = std::log(RowSum(e.data(), n));
+  for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - top) - log_total;
+}
+
+// One row function over x [R, N] into y [R, N], rows split between the pool's threads.
+template <void (*RowFn)(float*, int64_t)>
+ffi::Error EachRow(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x,
+                   ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || y->dimensions().size() != 2 || y->dimensions()[0] != xd[0] ||
       y->dimensions()[1] != xd[1]) {
-    return ffi::Error::InvalidArgument("grok1_softmax: expected x [R, N] and y [R, N]");
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [R, N] and y [R, N]");
   }
   const int64_t R = xd[0], N = xd[1];
   const int64_t per_task = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, N));
@@ -211,10 +225,22 @@ ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   grok1::ParallelFor(pool, (R + per_task - 1) / per_task, pool.num_threads(), [&](int64_t t) {
     for (int64_t r = t * per_task; r < std::min(R, (t + 1) * per_task); ++r) {
       std::copy(xp + r * N, xp + (r + 1) * N, yp + r * N);
-      SoftmaxInPlace(yp + r * N, N, false);
+      RowFn(yp + r * N, N);
     }
   });
   return ffi::Error::Success();
+}
+
+void SoftmaxRow(float* x, int64_t n) { SoftmaxInPlace(x, n, false); }
+
+ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  return EachRow<SoftmaxRow>("grok1_softmax", pool, x, y);
+}
+
+ffi::Error LogSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  return EachRow<LogSoftmaxInPlace>("grok1_log_softmax", pool, x, y);
 }
 
 // Attention's probabilities (SPEC.md §2) from raw scores s [B, Kv, R, S] (rows r = t * G + g:
@@ -366,3 +392,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendProbs, AttendProbsImpl,
                                   .Attr<float>("cap")
                                   .Attr<bool>("round")
                                   .Attr<int64_t>("group"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1LogSoftmax, LogSoftmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
