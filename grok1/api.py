@@ -89,6 +89,17 @@ class Model:
             slot_multiple=self._data_size(),
         )
 
+    def close(self) -> None:
+        """Stops the engine's scheduler thread (requests still running end "cancelled"); the
+        parameters stay. `with grok1.load(...) as model:` closes at the end of the block."""
+        self.engine.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         """The tokenizer (text prompts, text output, stop strings), or None."""

@@ -377,7 +377,7 @@ class Engine:
             stops.add(self.config.eos_token)
         text = None
         if self.tokenizer is not None:
-            text = TextTracker(self.tokenizer, request.stop_strings)
+            text = TextTracker(self.tokenizer, request.stop_strings, request.prompt)
         return _Job(job_id, request, handle, frozenset(stops), text)
 
     def _admit(self) -> None:
@@ -477,9 +477,9 @@ class Engine:
         return rows, width
 
     def _rows_for(self, n: int) -> int:
-        """Rows of a prefill chunk for n requests: a power of two, a multiple of the data axis."""
-        p = _pow2(n)
-        return p + (-p) % self.slot_multiple
+        """Rows of a step that serves n requests (a prefill chunk, first tokens, admissions): one
+        (the data axis' size) or every slot, so that few programs cover all traffic."""
+        return self.slot_multiple if n <= self.slot_multiple else self.max_slots
 
     def _prefill_once(self) -> bool:
         """One prefill chunk, if any row is prefilling; returns whether one ran."""
@@ -548,10 +548,9 @@ class Engine:
         seen = np.zeros((rows, self.config.vocab_size), bool)
         for i, job in enumerate(starting):
             seen[i, list(job.request.prompt)] = True
-        top_k = MAX_LOGPROBS if any(job.wants_top for job in starting) else 0
-        picked = self.steps.first_tokens(logits, row_sp, seen, top_k=top_k)
+        picked = self.steps.first_tokens(logits, row_sp, seen, top_k=MAX_LOGPROBS)
         tokens, logps = to_host(picked.tokens), to_host(picked.logprobs)
-        top = None if not top_k else (to_host(picked.top_ids), to_host(picked.top_logprobs))
+        top = (to_host(picked.top_ids), to_host(picked.top_logprobs))
         slots = np.full(rows, self.max_slots, np.int32)
         seen = seen.copy()  # the array handed to first_tokens stays as it was
         active, budget = np.zeros(rows, bool), np.zeros(rows, np.int32)
@@ -583,15 +582,14 @@ class Engine:
         cache, state, sp = self._device
         longest = max(len(job.request.prompt) + job.generated - 1 for job in jobs)
         kv_len = bucket(min(longest + self.horizon, self.capacity), self.capacity)
-        top_k = MAX_LOGPROBS if any(job.wants_top for job in jobs) else 0
         cache, state, out = self.steps.decode(
             self.params, cache, state, sp, jnp.bool_(bool(self._waiting)), kv_len=kv_len,
-            n_steps=self.horizon, top_k=top_k, table=self.table,
+            n_steps=self.horizon, top_k=MAX_LOGPROBS, table=self.table,
         )  # fmt: skip
         self._device = [cache, state, sp]
         count, tokens = to_host(out.count), to_host(out.tokens)
         logps, active = to_host(out.logprobs), to_host(state.active)
-        top = None if not top_k else (to_host(out.top_ids), to_host(out.top_logprobs))
+        top = (to_host(out.top_ids), to_host(out.top_logprobs))
         cut = []
         for job in jobs:
             s, n = job.slot, int(count[job.slot])
@@ -603,9 +601,13 @@ class Engine:
             if stopped and not ended:
                 cut.append(s)
         if cut:
-            slots = np.full(self._rows_for(len(cut)), self.max_slots, np.int32)
-            slots[: len(cut)] = cut
-            self._device[1] = self.steps.deactivate(self._device[1], slots)
+            self._deactivate(cut)
+
+    def _deactivate(self, slots: list[int]) -> None:
+        """Stops decoding in these slots (one program: a row per slot, padded)."""
+        rows = np.full(self.max_slots, self.max_slots, np.int32)
+        rows[: len(slots)] = slots
+        self._device[1] = self.steps.deactivate(self._device[1], rows)
 
     def _deliver_tokens(self, job: _Job, tokens, logps, top, ended: bool) -> bool:
         """Hands a decoding job its new tokens; finishes it if `ended` (EOS, a stop id or its
@@ -663,9 +665,7 @@ class Engine:
             with self._lock:
                 self._pending -= 1
         elif job.decoding and self._device is not None and job.slot >= 0:
-            slots = np.full(self._rows_for(1), self.max_slots, np.int32)
-            slots[0] = job.slot
-            self._device[1] = self.steps.deactivate(self._device[1], slots)
+            self._deactivate([job.slot])
         text = None
         if job.text is not None and reason == "cancelled":
             text, _ = job.text.finish()
@@ -691,6 +691,8 @@ class Engine:
 
     # -- warm-up -----------------------------------------------------------------------------
     def _warmup(self, progress, prompt_len: int, max_len: int) -> None:
+        """Runs every program the scheduler uses for contexts up to max_len and prompts up to
+        prompt_len, on rows that write nowhere (the device state is unchanged)."""
         say = progress or (lambda _: None)
         cache, state, sp = self._ensure_device()
         top = bucket(min(max_len + self.horizon, self.capacity), self.capacity)
@@ -705,26 +707,33 @@ class Engine:
         for kv_len in buckets:
             cache, inactive, _ = self.steps.decode(
                 self.params, cache, inactive, sp, jnp.bool_(False), kv_len=kv_len,
-                n_steps=self.horizon, top_k=0, table=self.table,
+                n_steps=self.horizon, top_k=MAX_LOGPROBS, table=self.table,
             )  # fmt: skip
         longest = bucket(min(prompt_len, self.max_bucket), self.max_bucket)
-        chunks = [m for m in buckets if m <= longest]
-        say(f"compiling the prefill step for {len(chunks)} chunk sizes")
-        rows = self._rows_for(1)
-        for m in chunks:
-            zeros = np.zeros((rows, m), np.int32)
-            slots = np.full(rows, self.max_slots, np.int32)
-            flat = np.zeros(rows, np.int32)
+        row_counts = sorted({self._rows_for(1), self._rows_for(self.max_slots)})
+        shapes = [(p, m) for p in row_counts for m in buckets if m <= longest
+                  and (p == row_counts[0] or p * m <= self.max_bucket)]  # fmt: skip
+        say(f"compiling the prefill step for {len(shapes)} shapes")
+        for p, m in shapes:
+            zeros, nowhere = np.zeros((p, m), np.int32), np.full(p, self.max_slots, np.int32)
+            flat = np.zeros(p, np.int32)
             _, _, cache = self.steps.prefill(
-                self.params, cache, slots, flat, zeros, flat, zeros, kv_len=m, table=self.table
+                self.params, cache, nowhere, flat, zeros, flat, zeros, kv_len=m, table=self.table
             )
-        logits = jnp.zeros((rows, self.config.vocab_size), jnp.float32)
-        seen = np.zeros((rows, self.config.vocab_size), bool)
-        row_sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * rows)
-        for top_k in (0, MAX_LOGPROBS):
-            self.steps.first_tokens(logits, row_sp, seen, top_k=top_k)
-        # the decode state went through the programs with every row inactive; restore it
-        self._device = [cache, dataclasses.replace(inactive, active=state.active), sp]
+        say("compiling the first-token and admission steps")
+        for p in row_counts:
+            logits = jnp.zeros((p, self.config.vocab_size), jnp.float32)
+            seen = np.zeros((p, self.config.vocab_size), bool)
+            row_sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * p)
+            self.steps.first_tokens(logits, row_sp, seen, top_k=MAX_LOGPROBS)
+            nowhere = np.full(p, self.max_slots, np.int32)
+            inactive, sp = self.steps.admit(
+                inactive, sp, nowhere, DecodeState.zeros(p, self.config.vocab_size), row_sp
+            )
+        self._device = [cache, inactive, sp]
+        self._deactivate([])
+        # every program ran on rows that write nowhere; the rows that were decoding still are
+        self._device[1] = dataclasses.replace(self._device[1], active=state.active)
         say("compiled")
 
 

@@ -55,7 +55,11 @@ def softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
 
 
 def log_softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
-    """log(softmax(x)) over the last axis in float32, `x - max - log(sum(exp(x - max)))`."""
+    """log(softmax(x)) over the last axis in float32, `x - max - log(sum(exp(x - max)))`: whole
+    in the native kernel when the kernels are in use (then the same bits inside any program and
+    outside one)."""
+    if numerics.kernels:
+        return kernels.log_softmax(x)
     x = x.astype(F32)
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
     return shifted - jnp.log(row_sum(jnp.exp(shifted), numerics))[..., None]

@@ -51,6 +51,11 @@ class Numerics:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if self.kernels and self.backend != "cpu":
             raise ValueError(f"the native kernels run on the CPU, not on {self.backend!r}")
+        if self.kernels:
+            from grok1 import kernels as native
+
+            if not native.available():  # builds and registers them on first use
+                raise ValueError(f"the native CPU kernels cannot run here: {native.status()}")
 
     @classmethod
     def choose(

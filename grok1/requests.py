@@ -225,8 +225,16 @@ class TextTracker:
     be the start of a stop string is held back until more text rules it out, or until `finish()`.
     """
 
-    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()):
+    CONTEXT = 16  # prompt tokens decoded before the generated ones
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = (), context=()):
         self._decoder = tokenizer.stream_decoder()
+        # the generated text is what the tokens add after the end of `context` (the prompt):
+        # decoded alone, a first piece "▁is" would lose its space, as SentencePiece strips it
+        # at the start of a text
+        for token in list(context)[-self.CONTEXT :]:
+            self._decoder.feed(token)
+        self._decoder.flush()  # bytes of an unfinished character in the prompt stay its own
         self._stops = tuple(s for s in stop_strings if s)
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._text = ""

@@ -14,6 +14,7 @@ longer change.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 
 import sentencepiece
@@ -70,6 +71,35 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
         return self._sp.encode(text)
+
+    @property
+    def special_pieces(self) -> dict[str, int]:
+        """{piece: id} of the control pieces a text may name: [PAD], [BOS], [EOS] (those the
+        model defines)."""
+        ids = (self.pad_id, self.bos_id, self.eos_id)
+        return {self._sp.id_to_piece(i): i for i in ids if 0 <= i < self.vocab_size}
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """Like `encode`, but the control pieces written in `text` ("[BOS]", "[EOS]", "[PAD]")
+        become their ids; the text between them is encoded piece by piece with `encode`.
+
+        SentencePiece's own encode never produces a control id (it spells "[EOS]" out as
+        "[", "E", "O", "S", "]"); clients that count tokens on the server (such as
+        lm-evaluation-harness, which looks up the EOS id by encoding "[EOS]") need them mapped.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        special = self.special_pieces
+        if not special:
+            return self.encode(text)
+        pattern = "|".join(re.escape(p) for p in sorted(special, key=len, reverse=True))
+        ids: list[int] = []
+        for i, part in enumerate(re.split(f"({pattern})", text)):
+            if i % 2:  # re.split puts the matched separators at the odd positions
+                ids.append(special[part])
+            elif part:
+                ids += self._sp.encode(part)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; control tokens ([PAD], [BOS], [EOS]) decode to nothing."""

@@ -62,14 +62,14 @@ def test_generate_refuses_bad_batch_and_seeds():
         model.generate(prompts[0], 2)
 
 
-def test_demo_loads_with_its_own_tokenizer():
-    model = grok1.load(demo.demo_path(), compilation_cache=None)
-    try:
+def test_demo_loads_with_its_own_tokenizer_and_closes():
+    with grok1.load(demo.demo_path(), compilation_cache=None) as model:
         assert model.tokenizer is not None and model.tokenizer.vocab_size == 2048
         text = model.generate(["The for statement"], 4)[0]
         assert isinstance(text, str)
-    finally:
-        model.engine.close()
+    assert not model.engine.alive
+    with pytest.raises(grok1.engine.EngineDead, match="closed"):
+        model.generate(["The for statement"], 4)
 
 
 def test_an_interrupt_cancels_and_leaves_the_model_usable():

@@ -313,7 +313,8 @@ def test_an_engine_with_a_scheduler_thread_streams_its_events(capsys):
             return result
 
     class Engine:
-        def warmup(self, progress):
+        def warmup(self, progress, prompt_len, max_len):
+            self.warmed = (prompt_len, max_len)
             progress("compiling the decode program")
 
         def submit(self, request):
@@ -328,6 +329,7 @@ def test_an_engine_with_a_scheduler_thread_streams_its_events(capsys):
     captured = capsys.readouterr()
     assert captured.out == "5 6 7 " and "[grok1] compiling the decode program" in captured.err
     assert model.engine.request.prompt == (1, 2) and model.engine.request.max_new_tokens == 3
+    assert model.engine.warmed == (2, 5)  # compiled for this prompt and its new tokens only
     assert cli.speed_line(gen) == (
         "3 tokens: the first after 0.50 s (prefill), then 2 in 1.00 s (2.0 tok/s)"
     )

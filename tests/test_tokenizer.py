@@ -120,6 +120,22 @@ def test_encode_has_no_bos_and_rejects_bytes(tiny_tok):
         tiny_tok.encode(b"the cat")
 
 
+def test_encode_with_special_maps_control_pieces_to_their_ids(tiny_tok):
+    assert tiny_tok.special_pieces == {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2}
+    # plain encode spells the control pieces out; encode_with_special gives their ids
+    assert 2 not in tiny_tok.encode("[EOS]")
+    assert tiny_tok.encode_with_special("[EOS]") == [2]
+    assert tiny_tok.encode_with_special("[BOS][EOS][PAD]") == [1, 2, 0]
+    ids = tiny_tok.encode_with_special("the cat[EOS]sat on[BOS] a mat")
+    expected = [*tiny_tok.encode("the cat"), 2, *tiny_tok.encode("sat on"), 1]
+    assert ids == expected + tiny_tok.encode(" a mat")
+    # text without control pieces encodes as `encode` does; [UNK] is not a control piece
+    assert tiny_tok.encode_with_special("the cat [UNK]") == tiny_tok.encode("the cat [UNK]")
+    assert tiny_tok.encode_with_special("") == []
+    with pytest.raises(TypeError):
+        tiny_tok.encode_with_special([1, 2])
+
+
 def test_decode_out_of_range_id(tiny_tok):
     with pytest.raises(ValueError, match="300"):
         tiny_tok.decode([5, 300])

@@ -44,6 +44,7 @@ TARGETS = {  # custom-call target: the library's handler symbol
     "grok1_f32_matmul": "Grok1F32Matmul",
     "grok1_rms_norm": "Grok1RmsNorm",
     "grok1_softmax": "Grok1Softmax",
+    "grok1_log_softmax": "Grok1LogSoftmax",
     "grok1_attend_probs": "Grok1AttendProbs",
 }
 
@@ -217,13 +218,23 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     )
 
 
+def _each_row(target: str, x: jax.Array) -> jax.Array:
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), F32))
+    return call(x.reshape(rows, n).astype(F32)).reshape(x.shape)
+
+
 def softmax(x: jax.Array) -> jax.Array:
     """Softmax over the last axis in float32, `exp(x - max) / sum`, the sum in `row_sums`' order.
     CPU only; call `available()` first."""
-    lead, n = x.shape[:-1], x.shape[-1]
-    rows = int(np.prod(lead, dtype=np.int64))
-    call = jax.ffi.ffi_call("grok1_softmax", jax.ShapeDtypeStruct((rows, n), F32))
-    return call(x.reshape(rows, n).astype(F32)).reshape(x.shape)
+    return _each_row("grok1_softmax", x)
+
+
+def log_softmax(x: jax.Array) -> jax.Array:
+    """`x - max - log(sum(exp(x - max)))` over the last axis in float32, the sum in `row_sums`'
+    order. CPU only; call `available()` first."""
+    return _each_row("grok1_log_softmax", x)
 
 
 def attend_probs(s, mask, mult: float, cap: float, rounded: bool) -> jax.Array:

@@ -5,6 +5,7 @@
 //   grok1_row_sums:    y[r] = sum_j x[r, j]
 //   grok1_rms_norm:    y[r, j] = scale[j] * (x[r, j] * (1 / sqrt(sum_j x[r, j]^2 / N + eps)))
 //   grok1_softmax:     y[r, :] = softmax(x[r, :])
+//   grok1_log_softmax: y[r, :] = x[r, :] - max - log(sum(exp(x[r, :] - max)))
 //   grok1_attend_probs: attention's probabilities from its raw scores (below)
 //   grok1_f32_matmul: y[r, :] = x[r, :] @ W[sel[r]]       (W[m] float32, used as bf16(W) when
 //                                                          `rounded`; a row with sel < 0 is 0)
@@ -117,22 +118,105 @@ inline float RoundBf16(float f) {
   return f;
 }
 
+// exp and tanh, elementwise over arrays, in one fixed sequence of float operations for every
+// element (eight at a time; a tail goes through the same eight-lane code, padded), so that an
+// element's result does not depend on where it sits. Accurate to a few ulp; exp of anything
+// below -88 is exactly 0 (masked attention keys add exact zeros).
+#ifdef GROK1_AVX2
+inline __m256 Exp8(__m256 x) {
+  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-88.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  // x = n * ln2 + r, |r| <= ln2 / 2, ln2 split in two for an exact n * ln2_hi
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(c));
+  }
+  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r),
+                    _mm256_set1_ps(1.0f));
+  // times 2^n, built in the exponent field
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(under, y);
+}
+
+inline __m256 Tanh8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);  // |x|
+  // |x| < 0.625: x + x^3 p(x^2); otherwise 1 - 2 / (exp(2|x|) + 1), saturating at 1
+  const __m256 z = _mm256_mul_ps(a, a);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  for (const float c : {2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f,
+                        -3.33332819422e-1f}) {
+    p = _mm256_add_ps(_mm256_mul_ps(p, z), _mm256_set1_ps(c));
+  }
+  const __m256 small = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, z), a), a);
+  const __m256 e = Exp8(_mm256_min_ps(_mm256_add_ps(a, a), _mm256_set1_ps(40.0f)));
+  const __m256 large = _mm256_sub_ps(
+      _mm256_set1_ps(1.0f),
+      _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  const __m256 is_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  return _mm256_or_ps(_mm256_blendv_ps(large, small, is_small), sign);
+}
+
+// fn(x[0:n)) in place, eight at a time; the tail padded into eight lanes.
+template <__m256 (*Fn)(__m256)>
+void Apply8(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, Fn(_mm256_loadu_ps(x + j)));
+  if (j < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::copy(x + j, x + n, tail);
+    _mm256_store_ps(tail, Fn(_mm256_load_ps(tail)));
+    std::copy(tail, tail + (n - j), x + j);
+  }
+}
+inline void ExpInPlace(float* x, int64_t n) { Apply8<Exp8>(x, n); }
+inline void TanhInPlace(float* x, int64_t n) { Apply8<Tanh8>(x, n); }
+#else
+inline void ExpInPlace(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = x[j] < -88.0f ? 0.0f : std::exp(x[j]);
+}
+inline void TanhInPlace(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::tanh(x[j]);
+}
+#endif
+
 // x[0:n) <- softmax(x[0:n)) in place: exp(x - max) / sum, the sum in RowSum's order (so that
 // entries of exp 0 appended to a row change nothing). `round` rounds each result to bf16.
 void SoftmaxInPlace(float* x, int64_t n, bool round) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) top = std::max(top, x[j]);
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - top);
+  for (int64_t j = 0; j < n; ++j) x[j] -= top;
+  ExpInPlace(x, n);
   const float total = RowSum(x, n);
   for (int64_t j = 0; j < n; ++j) x[j] = round ? RoundBf16(x[j] / total) : x[j] / total;
 }
 
-ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::ResultBuffer<ffi::F32> y) {
+// x[0:n) <- x - max - log(sum(exp(x - max))) in place (the sum in RowSum's order).
+void LogSoftmaxInPlace(float* x, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, x[j]);
+  std::vector<float> e(n);
+  for (int64_t j = 0; j < n; ++j) e[j] = x[j] - top;
+  ExpInPlace(e.data(), n);
+  const float log_total = std::log(RowSum(e.data(), n));
+  for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - top) - log_total;
+}
+
+// One row function over x [R, N] into y [R, N], rows split between the pool's threads.
+template <void (*RowFn)(float*, int64_t)>
+ffi::Error EachRow(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x,
+                   ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || y->dimensions().size() != 2 || y->dimensions()[0] != xd[0] ||
       y->dimensions()[1] != xd[1]) {
-    return ffi::Error::InvalidArgument("grok1_softmax: expected x [R, N] and y [R, N]");
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x [R, N] and y [R, N]");
   }
   const int64_t R = xd[0], N = xd[1];
   const int64_t per_task = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, N));
@@ -141,10 +225,22 @@ ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   grok1::ParallelFor(pool, (R + per_task - 1) / per_task, pool.num_threads(), [&](int64_t t) {
     for (int64_t r = t * per_task; r < std::min(R, (t + 1) * per_task); ++r) {
       std::copy(xp + r * N, xp + (r + 1) * N, yp + r * N);
-      SoftmaxInPlace(yp + r * N, N, false);
+      RowFn(yp + r * N, N);
     }
   });
   return ffi::Error::Success();
+}
+
+void SoftmaxRow(float* x, int64_t n) { SoftmaxInPlace(x, n, false); }
+
+ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  return EachRow<SoftmaxRow>("grok1_softmax", pool, x, y);
+}
+
+ffi::Error LogSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  return EachRow<LogSoftmaxInPlace>("grok1_log_softmax", pool, x, y);
 }
 
 // Attention's probabilities (SPEC.md §2) from raw scores s [B, Kv, R, S] (rows r = t * G + g:
@@ -173,12 +269,9 @@ ffi::Error AttendProbsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> s,
       const bool* seen = mp + (b * T + tok) * S;
       const float* in = sp + i * S;
       float* out = pp + i * S;
-      for (int64_t j = 0; j < S; ++j) {
-        float v = round ? RoundBf16(in[j]) : in[j];
-        v = v * mult;
-        v = cap * std::tanh(v / cap);
-        out[j] = seen[j] ? v : -1e30f;
-      }
+      for (int64_t j = 0; j < S; ++j) out[j] = ((round ? RoundBf16(in[j]) : in[j]) * mult) / cap;
+      TanhInPlace(out, S);
+      for (int64_t j = 0; j < S; ++j) out[j] = seen[j] ? cap * out[j] : -1e30f;
       SoftmaxInPlace(out, S, round);
     }
   });
@@ -299,3 +392,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1AttendProbs, AttendProbsImpl,
                                   .Attr<float>("cap")
                                   .Attr<bool>("round")
                                   .Attr<int64_t>("group"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1LogSoftmax, LogSoftmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,5 @@
+import sys
+
+from grok1.serve.cli import main
+
+sys.exit(main())
