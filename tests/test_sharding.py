@@ -274,7 +274,11 @@ def test_preflight_error_names_need_and_capacity():
         sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(40 * 10**9, id=1)])
 
 
-def test_preflight_passes_and_skips_devices_without_stats():
+def test_preflight_skips_devices_without_stats():
+    """A device that reports no limit (the CPU) never fails the check; the others still do."""
     from grok1 import sharding
 
-    sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(None)])
+    sharding.preflight(50 * 10**9, [FakeDevice(80 * 10**9), FakeDevice(None, id=1)])
+    sharding.preflight(10**15, [FakeDevice(None)])
+    with pytest.raises(sharding.InsufficientMemoryError, match=r"has 80 GB \(FakeGPU 0\)"):
+        sharding.preflight(90 * 10**9, [FakeDevice(None, id=1), FakeDevice(80 * 10**9)])
