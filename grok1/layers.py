@@ -40,7 +40,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, numerics: Numerics, dty
     xf = x.astype(F32)
     mean = (row_sum(jnp.square(xf), numerics) / jnp.float32(x.shape[-1]))[..., None]
     y = xf * jax.lax.rsqrt(mean + eps)
-    return (scale.astype(F32) * y).astype(dtype or x.dtype)
+    scale = jnp.expand_dims(scale.astype(F32), tuple(range(y.ndim - 1)))  # [1, ..., 1, D]
+    return (scale * y).astype(dtype or x.dtype)
 
 
 def softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
@@ -71,7 +72,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """
     dh = x.shape[-1]
     inv_freq = 1.0 / (base ** (jnp.arange(0, dh // 2, dtype=F32) * 2.0 / dh))  # [Dh/2]
-    phase = positions.astype(F32)[:, :, None] * inv_freq  # [B, T, Dh/2]
+    phase = positions.astype(F32)[:, :, None] * inv_freq[None, None, :]  # [B, T, Dh/2]
     phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
     xf = x.astype(F32)
     rotated = jnp.concatenate([-xf[..., dh // 2 :], xf[..., : dh // 2]], axis=-1)
@@ -203,11 +204,11 @@ def matmul(
         widen = numerics.dots_in_f32(n)
         q = w.astype(F32 if widen else BF16)  # int8 values: exact either way
         if groups == 1:
-            return (dot("nd,df->nf", x, q, F32, widen) * scales[0].astype(F32)).astype(out_dtype)
+            return (dot("nd,df->nf", x, q, F32, widen) * scales.astype(F32)).astype(out_dtype)
         q = q.reshape(groups, n_in // groups, n_out)
         xg = x.reshape(n, groups, n_in // groups)
         sums = dot("ngi,gio->ngo", xg, q, F32, widen)  # [N, Gs, Out]
-        return jnp.sum(sums * scales.astype(F32), axis=1).astype(out_dtype)
+        return jnp.sum(sums * scales[None].astype(F32), axis=1).astype(out_dtype)
     widen = numerics.dots_in_f32(n)
     groups = params["scales"].shape[-2] if "scales" in params else 1
     if blocks <= 1 or n_in % blocks or blocks % groups:

@@ -1,12 +1,33 @@
-"""Shared fixtures: the golden cases made by the release code (tests/data/golden, SPEC.md §8)."""
+"""Shared fixtures: the golden cases made by the release code (tests/data/golden, SPEC.md §8),
+models loaded once per test run, and the settings every test runs under.
+
+Settings, for this process and the processes the tests start (run.py, servers, multi-process
+runs): JAX raises on implicit rank promotion (an operation between arrays of different ranks must
+say how they broadcast), and every `grok1.load` shares one persistent compilation cache made
+fresh for the run (`$GROK1_COMPILATION_CACHE`, unless already set), so that a program compiled by
+one test or process is read back by the next instead of compiled again, and no result depends on
+what a user's own cache holds.
+"""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
-import numpy as np
-import pytest
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+if "GROK1_COMPILATION_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="grok1-tests-jax-cache-")
+    os.environ["GROK1_COMPILATION_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = sorted(d for d in os.listdir(GOLDEN_DIR) if os.path.isdir(os.path.join(GOLDEN_DIR, d)))

@@ -77,6 +77,9 @@ def test_an_interrupt_cancels_and_leaves_the_model_usable():
     prompt = prompts_of(CASE)[0]
     want = case_file(CASE, "greedy_runner.npy")[0].tolist()
     n = model.config.sequence_len - len(prompt)
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell starts background
+    # jobs with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -85,5 +88,6 @@ def test_an_interrupt_cancels_and_leaves_the_model_usable():
                 model.generate([prompt], n, ignore_eos=True)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert model.generate([prompt], len(want), ignore_eos=True) == [want]
     assert model.engine.stats()["running"] == 0

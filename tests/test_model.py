@@ -1,182 +1,60 @@
-"""Per-module numerics against NumPy references written here, and the release name table."""
+"""grok1.model's parameter table: what the model's Haiku modules create is what the table declares
+(shapes, dtypes, one logical axis per dimension), for the release's formats and for plain float32
+matrices, and the Grok-1 table holds SPEC.md §1's parameter count. The release's names for these
+parameters are tests/test_release.py's; the forward pass is checked against the golden cases
+(tests/test_golden.py)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
+import math
+
 import pytest
 
-from grok1 import attention, kernels, layers
-from grok1.checkpoint import loader, release
 from grok1.config import ModelConfig
-from grok1.model import Grok1, WeightFormats, param_table
-from grok1.numerics import Numerics
+from grok1.layers import MatrixFormat
+from grok1.model import MATRICES, Grok1, WeightFormats, param_table
 
-BF16 = ml_dtypes.bfloat16
-rng = np.random.default_rng(0)
-CPU = Numerics()  # XLA's own dots and reductions
-# both ways of summing a row: XLA's reductions, and the native kernels' fixed order
-NUMERICS = [CPU] + ([Numerics(kernels=True)] if kernels.available() else [])
-
-
-def test_rms_norm_matches_numpy():
-    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
-    scale = rng.normal(size=16).astype(np.float32)
-    want = scale * x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
-    for numerics in NUMERICS:
-        got = layers.rms_norm(jnp.asarray(x), jnp.asarray(scale), 1e-5, numerics)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-        got_bf16 = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(scale), 1e-5, numerics)
-        assert got_bf16.dtype == jnp.bfloat16
+TINY = ModelConfig.tiny(num_layers=3)
+F32_ATTENTION = WeightFormats(  # as golden case 2 stores them: attention in float32
+    **{m: MatrixFormat(None) for m in ("query", "key", "value", "linear")},
+    down=MatrixFormat(8),
+)
+CONFIGS = {
+    "grok1-release": (ModelConfig.grok1(), WeightFormats.release(ModelConfig.grok1())),
+    "tiny-release": (TINY, WeightFormats.release(TINY)),
+    "tiny-f32-attention": (TINY, F32_ATTENTION),
+}
 
 
-def test_rope_half_split_at_an_offset():
-    x = rng.normal(size=(1, 3, 2, 8)).astype(np.float32)
-    positions = np.array([[5, 6, 7]])
-    inv = 1.0 / 10000 ** (np.arange(4) * 2 / 8)
-    phase = positions[..., None] * inv
-    phase = np.concatenate([phase, phase], -1)[:, :, None, :]
-    rot = np.concatenate([-x[..., 4:], x[..., :4]], -1)
-    want = x * np.cos(phase) + rot * np.sin(phase)
-    got = layers.rope(jnp.asarray(x), jnp.asarray(positions), 10000.0)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_table_is_what_the_model_creates(name):
+    config, formats = CONFIGS[name]
+    model = Grok1(config, formats)
+    created = {
+        (module, leaf): (s.shape, s.dtype)
+        for module, leaves in model.param_shapes().items()
+        for leaf, s in leaves.items()
+    }
+    table = param_table(config, formats)
+    assert created == {key: (shape, dtype) for key, (shape, dtype, _) in table.items()}
+    for key, (shape, _, axes) in table.items():
+        assert len(axes) == len(shape), key
+    quantized = {m for m in MATRICES if getattr(formats, m).quantized}
+    assert {k[0].rsplit("/", 1)[1] for k in table if k[1] == "scales"} == quantized
 
 
-def test_grouped_dequantisation_rounds_to_bf16():
-    w = rng.integers(-127, 128, size=(3, 8, 5)).astype(np.int8)
-    scales = rng.uniform(0.01, 0.1, size=(3, 4, 5)).astype(BF16)
-    groups = np.repeat(scales.astype(np.float32), 2, axis=1)  # group g covers rows 2g, 2g+1
-    want = (w.astype(np.float32) * groups).astype(BF16)
-    got = layers.dequantize(jnp.asarray(w), jnp.asarray(scales), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(got).astype(np.float32), want.astype(np.float32))
+def test_formats_read_back_off_the_parameters():
+    params = Grok1(TINY, F32_ATTENTION).param_shapes()
+    assert WeightFormats.of_params(params) == F32_ATTENTION
+    assert WeightFormats.of_params(Grok1(TINY).param_shapes()) == WeightFormats()
 
 
-def test_capped_gqa_attention_with_padding():
-    config = ModelConfig.tiny(num_q_heads=4, num_kv_heads=2, key_size=8, attn_output_multiplier=1)
-    b, t, h, k, dh = 2, 5, 4, 2, 8
-    q = rng.normal(size=(b, t, h, dh)).astype(np.float32) * 8  # large: the cap is active
-    kk = rng.normal(size=(b, t, k, dh)).astype(np.float32) * 8
-    v = rng.normal(size=(b, t, k, dh)).astype(np.float32)
-    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
-    mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
-    want = np.zeros((b, t, h, dh))
-    for bi in range(b):
-        for hi in range(h):
-            s = q[bi, :, hi] @ kk[bi, :, hi // 2].T
-            s = 30 * np.tanh(s / 30)
-            s = np.where(mask[bi], s, -1e30)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            want[bi, :, hi] = (p / p.sum(-1, keepdims=True)) @ v[bi, :, hi // 2]
-    heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)  # noqa: E731  [B, K, S, Dh]
-    for numerics in NUMERICS:
-        got = attention.attend(jnp.asarray(q), heads_first(kk), heads_first(v),
-                               jnp.asarray(mask), config, numerics)  # fmt: skip
-        got = np.asarray(got).reshape(b, t, h, dh)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert np.abs(q[0] @ kk[0, :, 0].T).max() > 30  # the cap mattered
-
-
-def test_grok1_preset_has_the_770_release_parameters():
+def test_grok1_table_holds_the_spec_s_parameter_count():
+    """SPEC.md §1: about 315.6 B weights (int8 matrices count one per element, scales apart)."""
     config = ModelConfig.grok1()
-    model = Grok1(config, WeightFormats.release(config))
-    shapes = model.param_shapes()
-    ours = {(m, leaf): (s.shape, s.dtype) for m, d in shapes.items() for leaf, s in d.items()}
-    assert ours == {k: (v[0], v[1]) for k, v in param_table(config, model.formats).items()}
-    paths = release.release_param_paths(config)
-    assert len(paths) == 770
-    n = 0
-    for path in paths:
-        layer, suffix = release.parse_release_path(path)
-        shape = release.release_shape(config, path)
-        if layer is None:
-            module, leaf = release.GLOBALS[path]
-            assert ours[(module, leaf)][0] == shape
-        else:
-            module, leaf, _ = release.MODULES[suffix]
-            assert ours[(module, leaf)][0] == (64, *shape)
-        n += int(np.prod(shape))
-    assert n == config.num_params()
-    assert 315e9 < n < 316e9
-
-
-def test_lexicographic_file_order_with_more_than_ten_layers():
-    paths = release.release_param_paths(ModelConfig.tiny(num_layers=12))
-    layer_of_file = [release.parse_release_path(p)[0] for p in paths[2::12]]
-    assert layer_of_file == [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9]
-
-
-def test_saved_params_load_back_identically(tmp_path):
-    import grok1
-
-    config = ModelConfig.tiny(num_layers=11)
-    g = Grok1(config, WeightFormats.release(config))
-    params = g.init(jax.random.PRNGKey(1))
-    loader.save_params(str(tmp_path), config, params)
-    back = grok1.load(str(tmp_path), dtype="float32").params
-    for module, leaves in params.items():
-        for leaf, value in leaves.items():
-            np.testing.assert_array_equal(np.asarray(back[module][leaf]), np.asarray(value))
-
-
-def test_row_blocked_matmul_equals_one_block():
-    w = rng.integers(-127, 128, size=(64, 24)).astype(np.int8)
-    scales = rng.uniform(0.01, 0.1, size=(8, 24)).astype(BF16)
-    params = {"w": jnp.asarray(w), "scales": jnp.asarray(scales)}
-    x = jnp.asarray(rng.normal(size=(3, 64)).astype(np.float32))
-    one = layers.matmul(x, params, jnp.float32, jnp.float32, CPU, rounded=True, blocks=1)
-    many = layers.matmul(x, params, jnp.float32, jnp.float32, CPU, rounded=True, blocks=16)
-    want = np.asarray(x) @ np.asarray(layers.dequantize(params["w"], params["scales"], jnp.float32,
-                                                        rounded=True))  # fmt: skip
-    np.testing.assert_allclose(np.asarray(one), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(many), want, rtol=1e-5, atol=1e-5)
-
-
-FOLDED = [(1, 1, jnp.bfloat16), (8, 1, jnp.float32), (8, 16, jnp.bfloat16), (1, 16, jnp.float32)]
-
-
-@pytest.mark.parametrize("groups,blocks,x_dtype", FOLDED)
-def test_unrounded_int8_matmul_applies_the_scales_to_the_sums(groups, blocks, x_dtype):
-    """An int8 weight wanted in bf16 but unrounded (rounding="fast") is q * s exactly, and its
-    scales multiply each group's sums: no dequantised copy of the weight is formed."""
-    w = rng.integers(-127, 128, size=(64, 24)).astype(np.int8)
-    scales = rng.uniform(0.01, 0.1, size=(groups, 24)).astype(BF16)
-    params = {"w": jnp.asarray(w), "scales": jnp.asarray(scales)}
-    x = jnp.asarray(rng.normal(size=(3, 64)), x_dtype)
-    fn = lambda x: layers.matmul(x, params, jnp.float32, jnp.bfloat16, CPU, False, blocks)  # noqa: E731
-    got = np.asarray(fn(x), np.float64)
-    exact = np.repeat(scales.astype(np.float64), 64 // groups, axis=0) * w
-    x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    want = x64 @ exact
-    rounded = x64 @ exact.astype(np.float32).astype(BF16).astype(np.float64)
-    err = np.abs(got - want).max()
-    assert err <= 1e-5 * np.abs(want).max(), err
-    assert err < np.abs(rounded - want).max() / 10  # the weights really are unrounded
-    for eqn in jax.make_jaxpr(fn)(x).eqns:  # the scales multiply the groups' sums only
-        if eqn.primitive.name == "mul":
-            assert eqn.outvars[0].aval.shape == ((3, 24) if groups == 1 else (3, groups, 24))
-
-
-def test_large_random_leaves_are_generated_in_slices(monkeypatch):
-    """Leaves over `_INIT_SLICE` values (full-width benchmarks) are generated slice by slice:
-    same shape, dtype and spread, independent slices (smaller leaves are generated whole)."""
-    import haiku as hk
-
-    def init(shape, initializer, dtype):
-        f = hk.transform(lambda: hk.get_parameter("w", shape, dtype, init=initializer))
-        return np.asarray(jax.jit(f.init)(jax.random.PRNGKey(2))["~"]["w"]).astype(np.float32)
-
-    whole = init((6, 40, 50), layers._int8_init, jnp.int8)
-    monkeypatch.setattr(layers, "_INIT_SLICE", 1000)
-    sliced = {}
-    for shape in [(6, 40, 50), (3, 4, 30, 50)]:  # leading axis split in parts; then recursion
-        w = sliced[shape] = init(shape, layers._int8_init, jnp.int8)
-        assert w.shape == shape and np.all(np.abs(w) <= 127)
-        assert abs(w.std() - layers._INT8_STD) < 1.5 and abs(w.mean()) < 1.0
-        first, second = w.reshape(shape[0], -1)[:2]
-        assert abs(np.corrcoef(first, second)[0, 1]) < 0.1  # not one slice repeated
-    assert not np.array_equal(sliced[(6, 40, 50)], whole)  # the sliced path did run
-    table = init((64, 32), layers.normal_init(0.5), jnp.float32)  # 2048 values: two slices
-    assert table.shape == (64, 32) and abs(table.std() - 0.5) < 0.05
-    assert abs(np.corrcoef(table[:32].ravel(), table[32:].ravel())[0, 1]) < 0.1
+    table = param_table(config, WeightFormats.release(config))
+    weights = sum(
+        math.prod(shape) for (_, leaf), (shape, _, _) in table.items() if leaf != "scales"
+    )
+    assert weights == config.num_params()
+    assert 315.5e9 < weights < 315.7e9

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from grok1.checkpoint.release import (
+    GLOBALS,
     LAYER_SUFFIXES,
+    MODULES,
     CheckpointError,
     QuantizedWeight8bit,
     ShardedTensor,
@@ -30,6 +32,7 @@ from grok1.checkpoint.release import (
     write_tensor,
 )
 from grok1.config import ModelConfig
+from grok1.model import WeightFormats, param_table
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = sorted(glob.glob(os.path.join(GOLDEN, "*", "")))
@@ -74,6 +77,7 @@ def test_layers_in_lexicographic_order():
 
 
 def test_name_table_matches_every_golden_param_index():
+    quantized = set()
     for case in CASES:
         config = ModelConfig.load(case)
         entries = param_index(case)
@@ -84,7 +88,48 @@ def test_name_table_matches_every_golden_param_index():
             path = e["path"].removeprefix("params/")
             assert list(release_shape(config, path)) == e["init_shape"], (case, path)
             if e["stored"] == "__main__.QuantizedWeight8bit":  # some cases keep f32 matrices
-                assert is_matrix(parse_release_path(path)[1])
+                quantized.add(parse_release_path(path)[1])
+    # the release's generator quantised exactly the seven matrices (all of them in some cases)
+    assert quantized == {s for s in LAYER_SUFFIXES if is_matrix(s)}
+
+
+# SPEC.md §3: the scales of each matrix in the Grok-1 release
+SPEC_GROK1_SCALES = {
+    "moe/linear/w": (8, 1, 32768),
+    "moe/linear_1/w": (8, 8, 6144),
+    "moe/linear_v/w": (8, 1, 32768),
+    "multi_head_attention/key/w": (1, 1024),
+    "multi_head_attention/linear/w": (8, 6144),
+    "multi_head_attention/query/w": (1, 6144),
+    "multi_head_attention/value/w": (1, 1024),
+}
+
+
+@pytest.mark.parametrize("config", [ModelConfig.grok1(), ModelConfig.tiny(num_layers=3)],
+                         ids=["grok1", "tiny"])  # fmt: skip
+def test_name_table_reaches_every_model_parameter_once(config):
+    """Each release leaf (`MODULES`, `GLOBALS`) names one model parameter, of the release shape
+    stacked over the layers; together they reach every parameter (scales: with their matrix)."""
+    table = param_table(config, WeightFormats.release(config))
+    reached = []
+    for path in release_param_paths(config):
+        layer, suffix = parse_release_path(path)
+        shape = release_shape(config, path)
+        if layer is None:
+            reached.append(GLOBALS[path])
+            assert table[GLOBALS[path]][0] == shape, path
+            continue
+        module, leaf, matrix = MODULES[suffix]
+        assert (matrix is not None) == is_matrix(suffix), suffix
+        if layer == 0:
+            reached.append((module, leaf))
+            assert table[(module, leaf)][0] == (config.num_layers, *shape), path
+            if matrix is not None:
+                reached.append((module, "scales"))
+                if config == ModelConfig.grok1():
+                    scales = table[(module, "scales")][0]
+                    assert scales == (config.num_layers, *SPEC_GROK1_SCALES[suffix]), path
+    assert len(reached) == len(set(reached)) and set(reached) == set(table)
 
 
 def test_parse_release_path():
@@ -127,7 +172,6 @@ def test_grok1_shapes():
         assert release_shape(config, path) == shape
     total = sum(math.prod(release_shape(config, p)) for p in release_param_paths(config))
     assert total == config.num_params()
-    assert sum(is_matrix(s) for s in LAYER_SUFFIXES) == 7
     with pytest.raises(CheckpointError, match="layer 64"):
         release_shape(config, "transformer/decoder_layer_64/router/w")
 
