@@ -398,8 +398,19 @@ class Engine:
             batch = self.max_slots
             state = DecodeState.zeros(batch, self.config.vocab_size)
             sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * batch)
-            self._device = [self.new_cache(batch), state, sp]
+            self._device = list(self._committed((self.new_cache(batch), state, sp)))
         return self._device
+
+    def _committed(self, tree):
+        """`tree` committed to the model's device, as every program's outputs are. JAX compiles
+        a program separately for committed and uncommitted arguments, so the slot state the
+        programs first receive must already look like what they return: otherwise the warm-up
+        compiles a variant that traffic never calls. (On a mesh the cache is placed by its
+        sharding and the rest is left as it is.)"""
+        if self.grok.mesh is not None:
+            return tree
+        (device,) = jax.tree.leaves(self.params)[0].devices()
+        return jax.device_put(tree, device)
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty KV cache of `batch` rows, placed on the model's mesh (`KVCache.shapes`)."""
@@ -541,7 +552,7 @@ class Engine:
             return
         index = np.array([jobs.index(job) for job in starting])
         rows = self._rows_for(len(starting))
-        logits = jnp.asarray(last)[np.pad(index, (0, rows - len(index)))]
+        logits = _rows_of(last, index, rows)
         params = [job.request.sampling for job in starting]
         params += [sampling.SamplingParams()] * (rows - len(starting))
         row_sp = sampling.BatchSamplingParams.stack(params)
@@ -566,10 +577,7 @@ class Engine:
                                                  None if top is None else (top[0][i:i + 1],
                                                                            top[1][i:i + 1]),
                                                  ended)  # fmt: skip
-        new_rows = DecodeState(
-            last=jnp.asarray(tokens), steps=jnp.ones(rows, jnp.int32), budget=jnp.asarray(budget),
-            active=jnp.asarray(active), stop_ids=jnp.asarray(stop_ids), seen=jnp.asarray(seen),
-        )  # fmt: skip
+        new_rows = _admitted_rows(tokens, budget, active, stop_ids, seen)
         cache, state, sp = self._device
         state, sp = self.steps.admit(state, sp, slots, new_rows, row_sp)
         self._device[1:] = [state, sp]
@@ -703,7 +711,7 @@ class Engine:
                 break
             b *= 2
         say(f"compiling the decode step for {len(buckets)} context sizes")
-        inactive = dataclasses.replace(state, active=jnp.zeros_like(state.active))
+        inactive = self._committed(dataclasses.replace(state, active=jnp.zeros_like(state.active)))
         for kv_len in buckets:
             cache, inactive, _ = self.steps.decode(
                 self.params, cache, inactive, sp, jnp.bool_(False), kv_len=kv_len,
@@ -714,27 +722,45 @@ class Engine:
         shapes = [(p, m) for p in row_counts for m in buckets if m <= longest
                   and (p == row_counts[0] or p * m <= self.max_bucket)]  # fmt: skip
         say(f"compiling the prefill step for {len(shapes)} shapes")
+        last = {}
         for p, m in shapes:
             zeros, nowhere = np.zeros((p, m), np.int32), np.full(p, self.max_slots, np.int32)
             flat = np.zeros(p, np.int32)
-            _, _, cache = self.steps.prefill(
-                self.params, cache, nowhere, flat, zeros, flat, zeros, kv_len=m, table=self.table
-            )
+            last[p], _, cache = self.steps.prefill(
+                self.params, cache, nowhere, flat, zeros, flat, zeros, kv_len=m,
+                table=self.table, scores=False, top_k=0,
+            )  # fmt: skip
         say("compiling the first-token and admission steps")
-        for p in row_counts:
-            logits = jnp.zeros((p, self.config.vocab_size), jnp.float32)
-            seen = np.zeros((p, self.config.vocab_size), bool)
-            row_sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * p)
-            self.steps.first_tokens(logits, row_sp, seen, top_k=MAX_LOGPROBS)
-            nowhere = np.full(p, self.max_slots, np.int32)
-            inactive, sp = self.steps.admit(
-                inactive, sp, nowhere, DecodeState.zeros(p, self.config.vocab_size), row_sp
-            )
+        vocab = self.config.vocab_size
+        for chunk_rows, rows in [(p, r) for p in last for r in row_counts if r <= p]:
+            logits = _rows_of(last[chunk_rows], np.zeros(1, int), rows)
+            row_sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * rows)
+            seen = np.zeros((rows, vocab), bool)
+            picked = self.steps.first_tokens(logits, row_sp, seen, top_k=MAX_LOGPROBS)
+            tokens, budget = to_host(picked.tokens), np.zeros(rows, np.int32)
+            stop_ids = np.full((rows, MAX_STOP_IDS + 1), -1, np.int32)
+            new_rows = _admitted_rows(tokens, budget, np.zeros(rows, bool), stop_ids, seen)
+            nowhere = np.full(rows, self.max_slots, np.int32)
+            inactive, sp = self.steps.admit(inactive, sp, nowhere, new_rows, row_sp)
         self._device = [cache, inactive, sp]
         self._deactivate([])
         # every program ran on rows that write nowhere; the rows that were decoding still are
         self._device[1] = dataclasses.replace(self._device[1], active=state.active)
         say("compiled")
+
+
+def _rows_of(last: jax.Array, index: np.ndarray, rows: int) -> jax.Array:
+    """Rows `index` of a prefill chunk's last logits [P, V], padded with row 0 to `rows`."""
+    return jnp.asarray(last)[np.pad(index, (0, rows - len(index)))]
+
+
+def _admitted_rows(tokens, budget, active, stop_ids, seen) -> DecodeState:
+    """The slot state of rows that start decoding after their first token (host arrays)."""
+    return DecodeState(
+        last=jnp.asarray(tokens), steps=jnp.ones(len(tokens), jnp.int32),
+        budget=jnp.asarray(budget), active=jnp.asarray(active), stop_ids=jnp.asarray(stop_ids),
+        seen=jnp.asarray(seen),
+    )  # fmt: skip
 
 
 def _pairs(ids: np.ndarray, vals: np.ndarray) -> list:

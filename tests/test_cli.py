@@ -99,12 +99,28 @@ def test_two_processes_print_exactly_one_json_object():
 
 
 # -- interrupts ---------------------------------------------------------------------------------
+# run.py with every decode call (one horizon of tokens) at least 0.2 s long: on the golden cases
+# a whole generation otherwise takes milliseconds, less than a signal needs to arrive
+THROTTLED = f"""
+import runpy, sys, time
+from grok1.engine import Engine
+decode_once = Engine._decode_once
+def slowed(self):
+    time.sleep(0.2)
+    decode_once(self)
+Engine._decode_once = slowed
+sys.argv[0] = {RUN_PY!r}
+runpy.run_path({RUN_PY!r}, run_name="__main__")
+"""
+
+
 class Running:
     """run.py in the background, its stdout and stderr read as they come."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, throttled: bool = False):
+        command = ["-c", THROTTLED] if throttled else [RUN_PY]
         self.proc = subprocess.Popen(
-            [sys.executable, RUN_PY, *args],
+            [sys.executable, *command, *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -158,6 +174,7 @@ def test_a_signal_while_generating_prints_the_tokens_so_far(signum):
         "--max-new-tokens",
         "50",
         "--ignore-eos",
+        throttled=True,
     )
     run.wait_for(" ", run.out, 240)  # the first token streamed
     seen = bytes(run.out)

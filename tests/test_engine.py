@@ -266,3 +266,40 @@ def test_queue_full_and_closed_engine():
     assert waiting.result(timeout=60).finish_reason in ("cancelled", "length")
     with pytest.raises(EngineDead):
         engine.submit(Request(prompt, 2))
+
+
+def test_warmup_compiles_every_program_that_traffic_then_uses():
+    """After `warmup`, requests alone and together (mixed prompt lengths, greedy and seeded,
+    stop ids, a cancellation) lower no new program: JAX compiles separately for committed and
+    uncommitted arguments and for other keyword arguments, so the warm-up must call each program
+    exactly as traffic does. (Prompt log-probabilities use their own prefill programs, compiled
+    at first use.)"""
+    from jax import monitoring
+
+    model = golden_model(CASE)
+    engine = Engine(model.grok, model.params, max_slots=4, horizon=4)
+    prompts = [tuple(p) for p in prompts_of(CASE)]
+    longest = max(map(len, prompts)) + 16
+    engine.warmup(prompt_len=longest, max_len=longest + 12)
+    lowered = []
+
+    def count(event, _secs, **_):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(event)
+
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        engine.submit(Request(prompts[0], 6, ignore_eos=True)).result(timeout=120)
+        handles = [
+            engine.submit(Request(prompts[i % 3] + (7,) * i, 3 + 2 * i, ignore_eos=i % 2 == 0,
+                                  sampling=SamplingParams(temperature=0.8 * (i % 2), seed=i),
+                                  stop_ids=(5,) if i == 3 else ()))
+            for i in range(6)
+        ]  # fmt: skip
+        handles[-1].cancel()
+        for h in handles:
+            h.result(timeout=120)
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+        engine.close()
+    assert lowered == []
