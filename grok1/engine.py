@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from grok1 import sampling
 from grok1.cache import KVCache
@@ -398,17 +399,23 @@ class Engine:
             batch = self.max_slots
             state = DecodeState.zeros(batch, self.config.vocab_size)
             sp = sampling.BatchSamplingParams.stack([sampling.SamplingParams()] * batch)
-            self._device = list(self._committed((self.new_cache(batch), state, sp)))
+            cache = self.new_cache(batch)
+            if self.grok.mesh is None:
+                cache = self._committed(cache)
+            self._device = [cache, *self._committed((state, sp))]
         return self._device
 
     def _committed(self, tree):
         """`tree` committed to the model's device, as every program's outputs are. JAX compiles
         a program separately for committed and uncommitted arguments, so the slot state the
         programs first receive must already look like what they return: otherwise the warm-up
-        compiles a variant that traffic never calls. (On a mesh the cache is placed by its
-        sharding and the rest is left as it is.)"""
+        compiles a variant that traffic never calls. On a mesh: replicated over it (the cache,
+        placed by its own sharding, is committed already). There JAX also keys programs by how
+        a sharding is spelled, and the programs' outputs spell some shardings differently from
+        any placement (`P()` or `P(None,)`), so a few programs still compile again at first use
+        (1x8: one; 2x4: three)."""
         if self.grok.mesh is not None:
-            return tree
+            return jax.device_put(tree, NamedSharding(self.grok.mesh, PartitionSpec()))
         (device,) = jax.tree.leaves(self.params)[0].devices()
         return jax.device_put(tree, device)
 
