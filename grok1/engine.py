@@ -640,17 +640,9 @@ class Engine:
                                                 top[1][:, : job.wants_top])  # fmt: skip
         text = None
         if job.text is not None:
-            text, hit = job.text.feed(tokens)
-            if hit is not None:
-                string, keep = hit
-                tokens, logps = tokens[:keep], logps[:keep]
-                pairs = None if pairs is None else pairs[:keep]
-                reason, stop = "stop", string
-            elif reason is not None:
-                rest, string = job.text.finish()
-                text += rest
-                if string is not None:
-                    reason, stop = "stop", string
+            text, tokens, logps, pairs, reason, stop = job.text.advance(
+                tokens, logps, pairs, reason, stop
+            )
         self._emit(job, tokens, logps, pairs, reason, text, stop)
         return reason is not None
 

@@ -254,6 +254,24 @@ class TextTracker:
                 return self._emit(start), (stop, max(keep, 0))
         return self._emit(len(self._text) - self._hold if self._stops else len(self._text)), None
 
+    def advance(self, tokens, logps, pairs, reason, stop):
+        """One delivery of new tokens (with their log-probabilities and top alternatives, or
+        None) that end the request if `reason` is set (its `stop` id or None). Their text, cut
+        at a stop string if one appears (which then ends the request with that string as its
+        stop), else with the held-back rest when the request ends here. Returns
+        (text, tokens, logps, pairs, reason, stop)."""
+        text, hit = self.feed(tokens)
+        if hit is not None:
+            string, keep = hit
+            pairs = None if pairs is None else pairs[:keep]
+            return text, tokens[:keep], logps[:keep], pairs, "stop", string
+        if reason is not None:
+            rest, string = self.finish()
+            text += rest
+            if string is not None:
+                reason, stop = "stop", string
+        return text, tokens, logps, pairs, reason, stop
+
     def finish(self) -> tuple[str, str | None]:
         """The rest of the text (a stop string found in it cuts it); (text, stop or None)."""
         before = len(self._text)
