@@ -27,6 +27,20 @@ class EngineRun:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles: list = []
 
+    @classmethod
+    async def start(cls, state, requests: Sequence, choices: list) -> EngineRun:
+        """The server's run of `requests` (one per choice), submitted if the queue has room."""
+        state.check_capacity(len(requests))
+        run = cls(state.engine, choices, state.metrics)
+        await run.submit(requests)
+        return run
+
+    async def wait(self, receive) -> None:
+        """Until every choice has ended; raises the API error of one that ended badly."""
+        async for _ in self.events(receive):
+            pass
+        check_finished(self.choices)
+
     async def submit(self, requests: Sequence) -> None:
         """Submits every request (all or none); engine refusals become API errors."""
         try:

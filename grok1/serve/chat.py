@@ -79,15 +79,11 @@ async def create(state, body: dict, receive):
         req, [generation.encode(tok, text)], tokenizer=tok, logprobs=k, prompt_logprobs=False,
         include_stop=False, max_tokens=generation.DEFAULT_MAX_TOKENS if limit is None else limit,
     )  # fmt: skip
-    state.check_capacity(len(requests))
-    run = EngineRun(state.engine, choices, state.metrics)
-    await run.submit(requests)
+    run = await EngineRun.start(state, requests, choices)
     out = _Formatter(req, state.served_model_name, generation.TokenTexts(tok))
     if req.stream:
         return generation.EventStream(out.stream(run, receive))
-    async for _ in run.events(receive):
-        pass
-    check_finished(choices)
+    await run.wait(receive)
     pieces = [
         {
             "index": c.index,

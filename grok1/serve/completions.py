@@ -31,15 +31,11 @@ async def create(state, body: dict, receive):
         req, prompts, max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=scoring,
         include_stop=scoring, tokenizer=tok,
     )  # fmt: skip
-    state.check_capacity(len(requests))
-    run = EngineRun(state.engine, choices, state.metrics)
-    await run.submit(requests)
+    run = await EngineRun.start(state, requests, choices)
     out = _Formatter(req, state.served_model_name, generation.TokenTexts(tok))
     if req.stream:
         return generation.EventStream(out.stream(run, receive))
-    async for _ in run.events(receive):
-        pass
-    check_finished(choices)
+    await run.wait(receive)
     pieces = [out.piece(c, True, c.text, len(c.tokens)) for c in choices]
     usage = generation.usage(choices)
     return generation.JSONResponse({**out.head, "choices": pieces, "usage": usage})
