@@ -47,6 +47,22 @@ def prompts_of(case: str) -> list[list[int]]:
     return [tokens[b, : lengths[b]].tolist() for b in range(len(lengths))]
 
 
+def random_index(rng, shape):
+    """A random NumPy basic index into `shape`: integers (negative too) and slices (empty,
+    strided, reversed) on a leading run of the axes."""
+    index = []
+    for n in shape[: rng.integers(0, len(shape) + 1)]:
+        kind = rng.integers(0, 4)
+        if kind == 0:
+            index.append(int(rng.integers(-n, n)))
+        elif kind == 1:
+            index.append(slice(None))
+        else:
+            a, b = sorted(rng.integers(0, n + 1, 2))
+            index.append(slice(a, b, 1 if kind == 2 else int(rng.choice([2, 3, -1, -2]))))
+    return tuple(index)
+
+
 @functools.cache
 def golden_model(case: str, dtype: str = "bfloat16", rounding: str = "release"):
     import grok1

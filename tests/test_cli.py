@@ -25,27 +25,18 @@ CASE = "case1_gqa6to1_1dev_bs1"
 SMALL = ["--checkpoint", case_path(CASE), "--prompt-tokens", "5,6", "--max-new-tokens", "4"]
 
 
+def run_py(*flags: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """run.py with `flags` and no stdin, to its end; asserts it succeeded."""
+    proc = subprocess.run([sys.executable, RUN_PY, *flags], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_run_py_json_returns_the_release_greedy_tokens():
     ids = ",".join(map(str, prompts_of(CASE)[0]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            RUN_PY,
-            "--checkpoint",
-            case_path(CASE),
-            "--prompt-tokens",
-            ids,
-            "--max-new-tokens",
-            "8",
-            "--ignore-eos",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_py("--checkpoint", case_path(CASE), "--prompt-tokens", ids, "--max-new-tokens", "8",
+                  "--ignore-eos", "--json")  # fmt: skip
     out = json.loads(proc.stdout)  # the whole of stdout is one JSON object
     assert out["tokens"] == case_file(CASE, "greedy_runner.npy")[0].tolist()
     assert out["finish_reason"] == "length" and out["demo"] is False
@@ -53,15 +44,7 @@ def test_run_py_json_returns_the_release_greedy_tokens():
 
 
 def test_run_py_without_a_checkpoint_prints_demo_text(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, RUN_PY, "--max-new-tokens", "24", "--no-stream"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_py("--max-new-tokens", "24", "--no-stream", cwd=tmp_path)
     assert "embedded demo model" in proc.stderr
     assert "[grok1] 24 tokens" in proc.stderr
     words = proc.stdout.split()
@@ -357,24 +340,8 @@ def test_dry_run_of_a_mesh_larger_than_the_devices_here():
     """`run.py --dry-run` plans a 2-device mesh on this 1-device host (virtual devices in a
     child process) for the checkpoint's own config, with whole experts split over the model axis
     as asked, without reading its weights, and says what it waits for."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            RUN_PY,
-            "--checkpoint",
-            case_path(CASE),
-            "--dry-run",
-            "--mesh",
-            "data=1,model=2",
-            "--expert-parallel",
-            "--json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_py("--checkpoint", case_path(CASE), "--dry-run", "--mesh", "data=1,model=2",
+                  "--expert-parallel", "--json")  # fmt: skip
     report = json.loads(proc.stdout)
     assert report["mesh"] == {"data": 1, "model": 2} and report["context"] == 64
     assert report["expert_parallel"] is True

@@ -24,6 +24,7 @@ from grok1.checkpoint import pickle_writer as pw
 from grok1.checkpoint.pickle_reader import open_tensor, read_tensor
 from grok1.checkpoint.pickle_writer import write_tensor
 from grok1.checkpoint.tensors import BF16, CheckpointError, MemoryTensor, QuantizedWeight8bit
+from tests.conftest import random_index
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = sorted(glob.glob(os.path.join(GOLDEN, "*", "")))
@@ -363,20 +364,6 @@ def test_open_tensor_offsets_match_full_read():
             assert layout.shape == array.shape and layout.dtype == array.dtype
             assert data[layout.offset : layout.offset + layout.nbytes] == array.tobytes()
             assert same(tf.read_part(part), array)
-
-
-def random_index(rng, shape):
-    index = []
-    for n in shape[: rng.integers(0, len(shape) + 1)]:
-        kind = rng.integers(0, 4)
-        if kind == 0:
-            index.append(int(rng.integers(-n, n)))
-        elif kind == 1:
-            index.append(slice(None))
-        else:
-            a, b = sorted(rng.integers(0, n + 1, 2))
-            index.append(slice(a, b, 1 if kind == 2 else int(rng.choice([2, 3, -1, -2]))))
-    return tuple(index)
 
 
 def test_sliced_reads_equal_numpy_indexing():

@@ -23,6 +23,7 @@ from grok1.checkpoint import release
 from grok1.checkpoint import safetensors_format as sf
 from grok1.checkpoint.tensors import BF16, CheckpointError, QuantizedWeight8bit
 from grok1.config import ModelConfig
+from tests.conftest import random_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden")
@@ -97,20 +98,6 @@ def test_tensors_are_bit_identical_to_the_release_files(converted, leaves):
         assert (got[name].dtype, got[name].shape) == (array.dtype, array.shape), name
         assert got[name].tobytes() == array.tobytes(), name
     assert got[next(n for n in want if n.endswith(".scales"))].dtype == BF16
-
-
-def random_index(rng, shape):
-    index = []
-    for n in shape[: rng.integers(0, len(shape) + 1)]:
-        kind = rng.integers(0, 4)
-        if kind == 0:
-            index.append(int(rng.integers(-n, n)))
-        elif kind == 1:
-            index.append(slice(None))
-        else:
-            a, b = sorted(rng.integers(0, n + 1, 2))
-            index.append(slice(a, b, 1 if kind == 2 else int(rng.choice([2, 3, -1, -2]))))
-    return tuple(index)
 
 
 def test_sliced_reads_equal_numpy_indexing(converted, leaves):
