@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from grok1.engine import EngineDead, QueueFull, RequestError
+from grok1.serve import generation
 from grok1.serve.protocol import APIError, bad_request, unavailable
 
 
@@ -94,6 +95,28 @@ class EngineRun:
             if self.metrics is not None:
                 for choice in self.choices[: len(self.handles)]:
                     self.metrics.finished(choice)
+
+    async def sse(self, receive, head: dict, piece, stream_options) -> AsyncIterator[str]:
+        """The run as server-sent events: `piece(choice, event, first)` makes an event's choice
+        entry (None: nothing to send), each sent in `head`; a choice that ends badly (or a bug)
+        ends the stream with an error event; the usage last if `stream_options` asks; then
+        `[DONE]`."""
+        started: set[int] = set()
+        try:
+            async for c, event in self.events(receive):
+                check_finished([c])  # "error", or "cancelled" by the server: ends the stream
+                first = c.index not in started
+                started.add(c.index)
+                entry = piece(c, event, first)
+                if entry is not None:
+                    yield generation.sse({**head, "choices": [entry]})
+        except Exception as e:  # an APIError, or a bug: the client still gets an error event
+            yield generation.error_event(e)
+        else:
+            if stream_options is not None and stream_options.include_usage:
+                usage = generation.usage(self.choices)
+                yield generation.sse({**head, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
 
     def cancel(self) -> None:
         """Cancels the unfinished requests (a no-op for finished ones); any thread."""

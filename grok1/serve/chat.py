@@ -16,7 +16,7 @@ import jinja2
 import jinja2.sandbox
 
 from grok1.serve import generation
-from grok1.serve.bridge import EngineRun, check_finished
+from grok1.serve.bridge import EngineRun
 from grok1.serve.protocol import ChatRequest, bad_request, validate
 
 NO_TEMPLATE = (
@@ -128,32 +128,19 @@ class _Formatter:
     def _entry(text: str, lp: float) -> dict:
         return {"token": text, "logprob": float(lp), "bytes": list(text.encode())}
 
-    async def stream(self, run: EngineRun, receive):
+    def stream(self, run: EngineRun, receive):
         head = {**self.head, "object": "chat.completion.chunk"}
-        started: set[int] = set()
-        try:
-            async for c, event in run.events(receive):
-                check_finished([c])
-                delta = {}
-                if c.index not in started:
-                    started.add(c.index)
-                    delta["role"] = "assistant"
-                if event.text:
-                    delta["content"] = event.text
-                if delta or event.finish_reason:
-                    piece = {
-                        "index": c.index,
-                        "delta": delta,
-                        "logprobs": self.logprobs(c, len(event.tokens)),
-                        "finish_reason": c.finish_reason,
-                    }
-                    yield generation.sse({**head, "choices": [piece]})
-        except Exception as e:  # an APIError, or a bug: the client still gets an error event
-            yield generation.error_event(e)
-        else:
-            options = self.req.stream_options
-            if options is not None and options.include_usage:
-                yield generation.sse(
-                    {**head, "choices": [], "usage": generation.usage(run.choices)}
-                )
-        yield "data: [DONE]\n\n"
+        return run.sse(receive, head, self._stream_piece, self.req.stream_options)
+
+    def _stream_piece(self, c, event, first: bool) -> dict | None:
+        delta = {"role": "assistant"} if first else {}
+        if event.text:
+            delta["content"] = event.text
+        if not (delta or event.finish_reason):
+            return None
+        return {
+            "index": c.index,
+            "delta": delta,
+            "logprobs": self.logprobs(c, len(event.tokens)),
+            "finish_reason": c.finish_reason,
+        }

@@ -13,7 +13,7 @@ import time
 import uuid
 
 from grok1.serve import generation
-from grok1.serve.bridge import EngineRun, check_finished
+from grok1.serve.bridge import EngineRun
 from grok1.serve.protocol import CompletionRequest, bad_request, validate
 
 
@@ -52,25 +52,13 @@ class _Formatter:
         }
         self._offsets: dict[int, generation.OffsetCounter] = {}
 
-    async def stream(self, run: EngineRun, receive):
-        started: set[int] = set()
-        try:
-            async for c, event in run.events(receive):
-                check_finished([c])  # "error", or "cancelled" by the server: ends the stream
-                first = c.index not in started
-                started.add(c.index)
-                if first and self.req.echo or event.text or event.tokens or event.finish_reason:
-                    piece = self.piece(c, first, event.text or "", len(event.tokens))
-                    yield generation.sse({**self.head, "choices": [piece]})
-        except Exception as e:  # an APIError, or a bug: the client still gets an error event
-            yield generation.error_event(e)
-        else:
-            options = self.req.stream_options
-            if options is not None and options.include_usage:
-                yield generation.sse(
-                    {**self.head, "choices": [], "usage": generation.usage(run.choices)}
-                )
-        yield "data: [DONE]\n\n"
+    def stream(self, run: EngineRun, receive):
+        return run.sse(receive, self.head, self._stream_piece, self.req.stream_options)
+
+    def _stream_piece(self, c, event, first: bool) -> dict | None:
+        if first and self.req.echo or event.text or event.tokens or event.finish_reason:
+            return self.piece(c, first, event.text or "", len(event.tokens))
+        return None
 
     def _echo_text(self, c) -> str:
         return (c.prompt_text or "") if self.req.echo else ""
