@@ -322,9 +322,10 @@ def load(
         reused by the next process); default `$GROK1_COMPILATION_CACHE`, else
         `~/.cache/grok1/jax`; None or "" leaves JAX's setting alone.
       cpu_kernels: compute every product and row reduction in the native CPU kernels, so that a
-        request's numbers depend on its own tokens only (`grok1.numerics`): None (default)
-        wherever they can run (the CPU, one device, a C++ compiler present), False never, True
-        insists (an error where they cannot run).
+        request's numbers depend on its own tokens only (`grok1.numerics`; on a mesh, each device
+        runs them on its shards): None (default) wherever they can run (the CPU, a C++ compiler
+        present, not with expert_parallel), False never, True insists (an error where they
+        cannot run).
       progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
         bytes of each finished read.
     """
@@ -342,11 +343,11 @@ def load(
     params, formats = loader.load_params(
         path, config, dtype=dtype, mesh=mesh, rules=rules, progress=progress or None
     )
-    one_device = mesh is None or mesh.devices.size == 1
-    if cpu_kernels and not one_device:
-        raise ValueError("cpu_kernels=True needs the model on one device; this mesh has "
-                         f"{mesh.devices.size}")  # fmt: skip
-    numerics = Numerics.choose(dtype, rounding, cpu_kernels if one_device else False)
+    if cpu_kernels and expert_parallel:
+        raise ValueError("cpu_kernels=True needs each expert split over the mesh; "
+                         "expert_parallel=True keeps experts whole")  # fmt: skip
+    kernels = False if expert_parallel else cpu_kernels
+    numerics = Numerics.choose(dtype, rounding, kernels, mesh=mesh)
     grok = Grok1(
         config, formats, numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,

@@ -12,8 +12,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import kernels, layers
+from grok1 import kernels, layers, sharding
+from grok1.cache import CACHE_AXES
 from grok1.config import ModelConfig
+from grok1.kernels import sharded
 from grok1.numerics import Numerics
 
 MASKED_LOGIT = -1e30
@@ -57,7 +59,8 @@ class CachedLayer:
     last bit of tanh and exp.
 
     Attributes: k_cache, v_cache: [L, Bc, K, Sc, Dh] uint16 or float32; layer: scalar; kv_len:
-    static; rows: [B] the cache row of each batch row.
+    static; rows: [B] the cache row of each batch row; mesh: None, or the mesh on whose devices
+    the kernels run, each over the cache rows and KV heads it holds (`Numerics.mesh`).
     """
 
     k_cache: jax.Array
@@ -65,6 +68,7 @@ class CachedLayer:
     layer: jax.Array
     kv_len: int
     rows: jax.Array
+    mesh: jax.sharding.Mesh | None = None
 
     def attend(self, q: jax.Array, mask: jax.Array, config: ModelConfig) -> jax.Array:
         """q [B, T, H, Dh] in the compute dtype, mask [B, T, S] -> float32 [B, T, H * Dh]."""
@@ -72,11 +76,21 @@ class CachedLayer:
         kv = config.num_kv_heads
         # rows of one KV head's group: query token t, head g -> row t * G + g
         q_rows = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, dh)
-        s = kernels.attend_scores(q_rows, self.k_cache, self.layer, self.kv_len, self.rows)
         rounded = q.dtype == jnp.bfloat16
-        p = kernels.attend_probs(s, mask, config.attn_output_multiplier, config.attn_logit_cap,
-                                 rounded)  # fmt: skip
-        o = kernels.attend_values(p, self.v_cache, self.layer, self.rows)  # [B, K, T * G, Dh]
+        mult, cap = config.attn_output_multiplier, config.attn_logit_cap
+
+        def attend(q_rows, mask, k_cache, v_cache, layer, rows):
+            s = kernels.attend_scores(q_rows, k_cache, layer, self.kv_len, rows)
+            p = kernels.attend_probs(s, mask, mult, cap, rounded)
+            return kernels.attend_values(p, v_cache, layer, rows)  # [B, K, T * G, Dh]
+
+        args = (q_rows, mask, self.k_cache, self.v_cache, self.layer, self.rows)
+        if self.mesh is None:
+            o = attend(*args)
+        else:
+            table = {"k": (self.k_cache.shape, self.k_cache.dtype, CACHE_AXES)}
+            spec = sharding.table_shardings(table, config, self.mesh)["k"].spec
+            o = sharded.over_cache(attend, *args, self.mesh, spec)
         if rounded:
             o = o.astype(jnp.bfloat16)
         return o.reshape(b, kv, t, h // kv, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
@@ -165,7 +179,7 @@ class Attention(hk.Module):
             v_cache = write_cache(v_cache, v, layer, positions, rows)
             new_cache = (k_cache, v_cache)
             if self.numerics.kernels:
-                cached = CachedLayer(k_cache, v_cache, layer, kv_len, rows)
+                cached = CachedLayer(k_cache, v_cache, layer, kv_len, rows, self.numerics.mesh)
                 k = v = None
             else:
                 k = read_cache(k_cache, layer, kv_len, dtype, rows)

@@ -14,17 +14,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1 import kernels
+from grok1.kernels import sharded
 from grok1.numerics import Numerics
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 
 
+def per_row(kernel, x: jax.Array, numerics: Numerics, *whole: jax.Array) -> jax.Array:
+    """`kernel(x, *whole)`, a kernel of x [..., N]'s rows, on every device's rows where the
+    model's kernels run on a mesh (`grok1.kernels.sharded`)."""
+    if numerics.mesh is None:
+        return kernel(x, *whole)
+    return sharded.each_row(kernel, x, numerics.mesh, *whole)
+
+
 def row_sum(x: jax.Array, numerics: Numerics) -> jax.Array:
     """Float32 sums over the last axis of x [..., N]: in the native kernel's fixed order per row
     (batch invariant; `grok1.numerics`) when the kernels are in use, else XLA's reduction."""
     if numerics.kernels:
-        return kernels.row_sums(x)
+        return per_row(kernels.row_sums, x, numerics)
     return jnp.sum(x.astype(F32), axis=-1)
 
 
@@ -36,7 +45,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, numerics: Numerics, dty
     two, which depends on the shapes of the whole program, so the residual add that reads a
     norm's output must get it as written."""
     if numerics.kernels:
-        return kernels.rms_norm(x, scale, eps).astype(dtype or x.dtype)
+        norm = lambda x, scale: kernels.rms_norm(x, scale, eps)  # noqa: E731
+        return per_row(norm, x, numerics, scale).astype(dtype or x.dtype)
     xf = x.astype(F32)
     mean = (row_sum(jnp.square(xf), numerics) / jnp.float32(x.shape[-1]))[..., None]
     y = xf * jax.lax.rsqrt(mean + eps)
@@ -48,7 +58,7 @@ def softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
     """Softmax over the last axis in float32, `exp(x - max) / sum`: whole in the native kernel
     (a fixed order per row) when the kernels are in use."""
     if numerics.kernels:
-        return kernels.softmax(x)
+        return per_row(kernels.softmax, x, numerics)
     x = x.astype(F32)
     e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
     return e / jnp.sum(e, axis=-1, keepdims=True)
@@ -59,7 +69,7 @@ def log_softmax(x: jax.Array, numerics: Numerics) -> jax.Array:
     in the native kernel when the kernels are in use (then the same bits inside any program and
     outside one)."""
     if numerics.kernels:
-        return kernels.log_softmax(x)
+        return per_row(kernels.log_softmax, x, numerics)
     x = x.astype(F32)
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
     return shifted - jnp.log(row_sum(jnp.exp(shifted), numerics))[..., None]
@@ -225,6 +235,28 @@ def matmul(
     return acc.astype(out_dtype)
 
 
+def kernel_product(
+    x: jax.Array, w: jax.Array, scales: jax.Array | None, sel: jax.Array, rounded: bool,
+    numerics: Numerics, spec=None,
+) -> jax.Array:  # fmt: skip
+    """Row r of the result is `x[r] @ W[sel[r]]` in float32, in the native kernel: W the
+    [In, Out] matrices of w [..., In, Out] (int8 with grouped scales [..., Gs, Out], or float32
+    with scales None) with the leading axes flattened, each used as bf16 where `rounded`.
+    On a mesh (`Numerics.mesh`), `spec` is w's PartitionSpec there (`grok1.kernels.sharded`).
+    """
+
+    def product(x, w, scales, sel):
+        flat = w.reshape(-1, *w.shape[-2:])
+        if scales is None:
+            return kernels.f32_matmul(x, flat, sel, rounded)
+        return kernels.q8_matmul(x, flat, scales.reshape(-1, *scales.shape[-2:]), sel, rounded)
+
+    x = x.astype(F32)
+    if numerics.mesh is None:
+        return product(x, w, scales, sel)
+    return sharded.matmul(product, x, w, scales, sel, numerics.mesh, spec)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stacked:
     """Matrices handed whole to a layer inside the layer scan, for the native kernels (see
@@ -234,10 +266,14 @@ class Stacked:
       leaves: {matrix name: {"w", "scales"} (int8) or {"w"} (float32)} with the leading
         [L, ...] axes of the stack.
       layer: this layer's index (a traced scalar).
+      numerics: the model's (`Numerics.mesh`: the kernels run on a mesh).
+      specs: on a mesh, {matrix name: the PartitionSpec of its "w"}.
     """
 
     leaves: dict
     layer: jax.Array
+    numerics: Numerics
+    specs: dict | None = None
 
     def layer_params(self, name: str) -> dict:
         """This layer's raw leaves of one matrix (a slice read inside the fusions that use it)."""
@@ -255,12 +291,12 @@ class Stacked:
         per_layer = int(np.prod(w.shape[1:-2], dtype=np.int64))
         sel = self.layer * per_layer + (0 if index is None else index)
         sel = jnp.broadcast_to(sel, (x.shape[0],)).astype(jnp.int32)
-        flat = w.reshape(-1, *w.shape[-2:])
         if "scales" not in leaves:  # a float32 matrix, used as bf16(W) where `matrix` says so
-            round_w = (weight_dtype != F32) if rounded is None else rounded
-            return kernels.f32_matmul(x, flat, sel, round_w).astype(out_dtype)
-        s = leaves["scales"].reshape(-1, *leaves["scales"].shape[-2:])
-        y = kernels.q8_matmul(x, flat, s, sel, _rounds(weight_dtype, rounded))
+            rounded = (weight_dtype != F32) if rounded is None else rounded
+        else:
+            rounded = _rounds(weight_dtype, rounded)
+        spec = (self.specs or {}).get(name)
+        y = kernel_product(x, w, leaves.get("scales"), sel, rounded, self.numerics, spec)
         return y.astype(out_dtype)
 
 

@@ -18,9 +18,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import kernels, layers
+from grok1 import kernels, layers, sharding
 from grok1.attention import Attention
 from grok1.config import ModelConfig
+from grok1.kernels import sharded
 from grok1.moe import MoE
 from grok1.numerics import DTYPES, ROUNDINGS, Numerics
 
@@ -207,13 +208,19 @@ def _rows_of_vocab_shards(table: jax.Array, tokens: jax.Array, mesh) -> jax.Arra
     )(table, tokens)
 
 
-def _unembed(h: jax.Array, table: jax.Array, numerics: Numerics) -> jax.Array:
+def _unembed(h: jax.Array, table: jax.Array, numerics: Numerics, spec=None) -> jax.Array:
     """h [B, T, D] @ table.T, rounded to the compute dtype: in the native kernel when the model
-    uses the kernels (the table as bf16 bits, or float32), else XLA's dot."""
+    uses the kernels (the table as bf16 bits, or float32; on a mesh, each device the columns of
+    its rows of the table, placed as `spec`), else XLA's dot."""
     dtype = numerics.compute_dtype
     if numerics.kernels:
         b, t, d = h.shape
-        return kernels.dot_rows(h.reshape(b * t, d), table).reshape(b, t, -1).astype(dtype)
+        flat = h.reshape(b * t, d).astype(F32)
+        if numerics.mesh is None:
+            logits = kernels.dot_rows(flat, table)
+        else:
+            logits = sharded.dot_rows(kernels.dot_rows, flat, table, numerics.mesh, spec)
+        return logits.reshape(b, t, -1).astype(dtype)
     return layers.dot("btd,vd->btv", h, table, dtype, numerics.dots_in_f32())
 
 
@@ -280,9 +287,16 @@ class Grok1:
             raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got "
                              f"{self.moe_strategy!r}")  # fmt: skip
         several = self.mesh is not None and self.mesh.devices.size > 1
-        if self.numerics.kernels and (several or self.expert_mesh is not None):
-            raise ValueError("the native kernels run on one device; use Numerics(kernels=False) "
-                             "on a mesh of several devices")  # fmt: skip
+        if self.numerics.kernels and self.expert_mesh is not None:
+            raise ValueError(
+                "the native kernels need each expert split over the mesh, not "
+                "whole experts (expert parallelism); use Numerics(kernels=False)"
+            )
+        if self.numerics.kernels and self.numerics.mesh is not (self.mesh if several else None):
+            raise ValueError(
+                "with the native kernels, Numerics.mesh must be the model's mesh "
+                "of several devices (Numerics.choose(..., mesh=mesh))"
+            )
 
     @property
     def dtype(self) -> str:
@@ -295,6 +309,18 @@ class Grok1:
     @property
     def compute_dtype(self):
         return self.numerics.compute_dtype
+
+    def _kernel_specs(self) -> dict:
+        """Where the kernels run on a mesh (`Numerics.mesh`): {matrix name: the PartitionSpec of
+        its "w"}, and "embeddings": the table's, as `grok1.sharding.RULES` place them; else {}."""
+        if self.numerics.mesh is None:
+            return {}
+        placed = sharding.table_shardings(
+            param_table(self.config, self.formats), self.config, self.numerics.mesh
+        )
+        specs = {name: placed[(matrix_module(name), "w")].spec for name in MATRICES}
+        specs["embeddings"] = placed[("grok1/embed", "embeddings")].spec
+        return specs
 
     def kernel_matrices(self) -> tuple[str, ...]:
         """The matrices `apply` hands whole to the native CPU kernels (all of them, when the
@@ -329,11 +355,12 @@ class Grok1:
         if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded
             h = layers.round_to(h, dtype).astype(dtype)
         num = self.numerics
+        specs = self._kernel_specs() if stacked is not None else None
 
         def body(carry, layer_idx):
             h, kv = carry
             layer_cache = None if kv is None else (*kv, layer_idx, kv_len, rows)
-            whole = None if stacked is None else layers.Stacked(stacked, layer_idx)
+            whole = None if stacked is None else layers.Stacked(stacked, layer_idx, num, specs)
             layer = DecoderLayer(c, self.formats, num, self.moe_strategy, self.expert_mesh)
             h, kv = layer(h, positions, mask, layer_cache, whole)
             return (h, kv), None
@@ -345,7 +372,7 @@ class Grok1:
         if out_index is not None:  # [B, P]: only these positions reach the unembedding
             h = jnp.take_along_axis(h, out_index[:, :, None], axis=1)
         h = RMSNorm(c.norm_eps, num, name="final_norm")(h, dtype)
-        logits = _unembed(h, embed, num)
+        logits = _unembed(h, embed, num, self._kernel_specs().get("embeddings"))
         c_out = layers.compute_constant(c.output_multiplier_scale, dtype)
         # rounded explicitly, so that a consumer inside the same program (the engine's sampler)
         # sees bf16(logits * c_out) too and not XLA's unrounded float32 product

@@ -32,7 +32,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import kernels, layers
+from grok1 import layers
 from grok1.config import ModelConfig
 from grok1.numerics import Numerics
 
@@ -53,7 +53,9 @@ def route(
     """
     if numerics.kernels:  # the product in the kernel's fixed order (batch invariance)
         sel = jnp.zeros(z.shape[:1], jnp.int32)
-        logits = kernels.f32_matmul(z, router_w.astype(F32)[None], sel, rounded=False)
+        whole = jax.sharding.PartitionSpec()  # on a mesh, every device holds the router
+        logits = layers.kernel_product(z, router_w.astype(F32)[None], None, sel, False, numerics,
+                                       whole)  # fmt: skip
     else:
         logits = layers.dot("nd,de->ne", z.astype(F32), router_w.astype(F32), F32)
     probs = layers.softmax(logits, numerics)

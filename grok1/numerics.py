@@ -7,7 +7,10 @@ The kernels (`grok1.kernels`) sum every product and every row in an order fixed 
 them a request's numbers depend on its own tokens only: not on the other requests in the batch,
 on its slot, on the prefill chunk or on the attended bucket (batch invariance). Without them
 (accelerators, or `kernels=False`) XLA's dots and reductions choose their summation order from
-the shapes of the whole batch, which moves results in their last bits.
+the shapes of the whole batch, which moves results in their last bits. On a mesh of several
+devices (`Numerics.mesh`) each device runs the kernels on its own shard of the weights and the
+batch (`grok1.kernels.sharded`), and partial sums are added over the devices in device order, so
+a request's numbers depend on its own tokens and the mesh, not on the batch.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ class Numerics:
     backend: the platform the programs are compiled for ("cpu", "gpu", "tpu").
     kernels: the native CPU kernels compute every matrix product, attention product and row
       reduction of a cached step (batch invariance, see the module docstring).
+    mesh: with the kernels, the mesh of several devices on whose shards they run (None: one
+      device); the model's own mesh (`grok1.model.Grok1.mesh`).
     """
 
     dtype: str = "bfloat16"
     rounding: str = "release"
     backend: str = "cpu"
     kernels: bool = False
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         for name, value, choices in (("dtype", self.dtype, tuple(DTYPES)),
@@ -56,14 +62,17 @@ class Numerics:
 
             if not native.available():  # builds and registers them on first use
                 raise ValueError(f"the native CPU kernels cannot run here: {native.status()}")
+        if self.mesh is not None and not self.kernels:
+            raise ValueError("Numerics.mesh is where the kernels run; it needs kernels=True")
 
     @classmethod
     def choose(
         cls, dtype: str = "bfloat16", rounding: str = "release", kernels: bool | None = None,
-        backend: str | None = None,
+        backend: str | None = None, mesh: jax.sharding.Mesh | None = None,
     ) -> Numerics:  # fmt: skip
         """The numerics for this process: the default backend, and the kernels wherever they
-        can run (`kernels=None`: on the CPU when they are built; True insists, False refuses)."""
+        can run (`kernels=None`: on the CPU when they are built; True insists, False refuses).
+        `mesh`: the model's mesh (None, or one device: the kernels run on one device)."""
         from grok1 import kernels as native
 
         backend = backend or jax.default_backend()
@@ -71,7 +80,8 @@ class Numerics:
             kernels = backend == "cpu" and native.available()
         elif kernels and not (backend == "cpu" and native.available()):
             raise ValueError(f"the native CPU kernels cannot run here: {native.status()}")
-        return cls(dtype, rounding, backend, bool(kernels))
+        several = mesh is not None and mesh.devices.size > 1
+        return cls(dtype, rounding, backend, bool(kernels), mesh if kernels and several else None)
 
     @property
     def compute_dtype(self):

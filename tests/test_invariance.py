@@ -4,12 +4,16 @@ Scores, logits, greedy and seeded generation (tokens and log-probabilities) of a
 equal, bit for bit, the same request inside batches of 2 and 8 with mixed lengths, in another
 slot, and with other prefill chunk sizes; `logits` and `score` of the same ids agree bit for bit.
 On the demo model and a golden case, in bfloat16 and float32, with the native CPU kernels
-(`grok1.numerics`), which is the default wherever they can run.
+(`grok1.numerics`), which is the default wherever they can run: on one device, and within the
+meshes 1x8 and 2x4 of simulated devices (in subprocesses, the same checks).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +21,8 @@ import pytest
 
 import grok1
 from grok1 import demo, kernels, layers
+from grok1.config import ModelConfig
+from grok1.tokenizer import Tokenizer
 from tests.conftest import case_path, prompts_of
 
 pytestmark = pytest.mark.skipif(
@@ -24,11 +30,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 MODELS = {"demo": demo.demo_path(), "case2": case_path("case2_batch3_robust")}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.cache
-def model(name: str, dtype: str, max_bucket: int = 1024) -> grok1.Model:
-    return grok1.load(MODELS[name], dtype=dtype, max_bucket=max_bucket, compilation_cache=None)
+def model(name: str, dtype: str, max_bucket: int = 1024, mesh: str | None = None) -> grok1.Model:
+    m = grok1.load(MODELS[name], dtype=dtype, max_bucket=max_bucket, mesh=mesh,
+                   compilation_cache=None)  # fmt: skip
+    assert m.grok.numerics.kernels, "the kernels are the default wherever they can run"
+    return m
 
 
 def sequences(name: str, count: int, seed: int = 0) -> list[list[int]]:
@@ -37,10 +47,10 @@ def sequences(name: str, count: int, seed: int = 0) -> list[list[int]]:
     if name == "case2":
         base = prompts_of("case2_batch3_robust")
     else:
-        tok = model(name, "bfloat16").tokenizer
+        tok = Tokenizer.load(os.path.join(MODELS[name], "tokenizer.model"))
         base = [tok.encode(t) for t in ("The for statement", "def f(x): return x",
                                         "Lists are mutable sequences, typically used")]  # fmt: skip
-    vocab = model(name, "bfloat16").config.vocab_size
+    vocab = ModelConfig.load(MODELS[name]).vocab_size
     out = []
     for i in range(count):
         head = base[i % len(base)]
@@ -53,13 +63,13 @@ CASES = [(name, dtype) for name in MODELS for dtype in ("bfloat16", "float32")]
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype):
-    m = model(name, dtype)
+def test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype, mesh=None):
+    m = model(name, dtype, mesh=mesh)
     seqs = sequences(name, 8)
     alone = [m.score([s])[0] for s in seqs[:3]]
     in_two = m.score([seqs[1], seqs[0]])
     in_eight = m.score(seqs)
-    chunked = model(name, dtype, max_bucket=16).score(seqs[:3])
+    chunked = model(name, dtype, max_bucket=16, mesh=mesh).score(seqs[:3])
     for i in range(3):
         np.testing.assert_array_equal(in_eight[i], alone[i])
         np.testing.assert_array_equal(chunked[i], alone[i])
@@ -68,15 +78,15 @@ def test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype):
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype):
-    m = model(name, dtype)
+def test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype, mesh=None):
+    m = model(name, dtype, mesh=mesh)
     seqs = sequences(name, 4, seed=1)
     width = max(map(len, seqs))
     batch = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
         batch[i, : len(s)] = s
     together = m.logits(batch, [len(s) for s in seqs])
-    chunked = model(name, dtype, max_bucket=16)
+    chunked = model(name, dtype, max_bucket=16, mesh=mesh)
     for i, s in enumerate(seqs):
         alone = m.logits(np.array([s]))[0]
         np.testing.assert_array_equal(together[i, : len(s)], alone)
@@ -87,8 +97,8 @@ def test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype):
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype):
-    m = model(name, dtype)
+def test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype, mesh=None):
+    m = model(name, dtype, mesh=mesh)
     seqs = sequences(name, 8, seed=2)
     kw = dict(ignore_eos=True, return_results=True, logprobs=2)
     sampled = dict(temperature=0.9, top_p=0.9, top_k=50, seed=[11 * i for i in range(8)])
@@ -109,6 +119,35 @@ def test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype):
         assert two == [alone[2], alone[0]]
         one_slot = run(m, seqs[:3], None if seeds is None else seeds[:3], max_batch=1)
         assert one_slot == alone
-        chunked = run(model(name, dtype, max_bucket=16), seqs[:3],
+        chunked = run(model(name, dtype, max_bucket=16, mesh=mesh), seqs[:3],
                       None if seeds is None else seeds[:3])  # fmt: skip
         assert chunked == alone
+
+
+# The same three tests within a mesh, in one subprocess per mesh (simulated devices). Each mesh
+# runs one model in one dtype (the four together cover both models and both dtypes): compiling
+# is nearly all of their time, and they compile without LLVM's optimisations (which change
+# summation order in XLA's own code, the same way at every batch).
+MESH_SCRIPT = """
+import sys
+from tests import test_invariance as t
+mesh, name, dtype = sys.argv[1:]
+t.test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype, mesh)
+t.test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype, mesh)
+t.test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype, mesh)
+print("invariant", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mesh,name,dtype",
+    [("data=1,model=8", "demo", "bfloat16"), ("data=2,model=4", "case2", "float32")],
+)
+def test_invariance_within_a_mesh(mesh, name, dtype):
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=flags)
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, mesh, name, dtype], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("invariant"), proc.stdout
