@@ -68,7 +68,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grok1 import kernels, moe, sampling  # noqa: E402
+from grok1 import kernels, moe, sampling, sharding  # noqa: E402
 from grok1.config import ModelConfig  # noqa: E402
 from grok1.engine import Engine, bucket  # noqa: E402
 from grok1.model import ATTN_MATRICES, MOE, ROUNDINGS, Grok1, WeightFormats, param_table  # noqa: E402
@@ -443,7 +443,9 @@ def show(d: dict, spec: str = "{:.0f}") -> str:
 
 
 def new_engine(grok, params, batch, args) -> Engine:
-    return Engine(grok, params, max_slots=batch, max_bucket=args.max_bucket, cache_len=args.context)
+    data = 1 if grok.mesh is None else grok.mesh.shape["data"]
+    return Engine(grok, params, max_slots=batch, max_bucket=args.max_bucket,
+                  cache_len=args.context, slot_multiple=data)  # fmt: skip
 
 
 def kv_len_of(engine: Engine, args) -> int:
@@ -568,6 +570,15 @@ def build_parser(description="grok1 inference benchmark") -> argparse.ArgumentPa
         "repeated on random weights",
     )  # fmt: skip
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument(
+        "--mesh", default=None,
+        help="e.g. data=1,model=8: the model placed on a mesh (on the CPU, simulate devices with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--cpu-kernels", default="auto", choices=("auto", "on", "off"),
+        help="the native CPU kernels (auto: wherever they can run)",
+    )  # fmt: skip
     ap.add_argument("--moe", default="auto", choices=moe.STRATEGIES, help="MoE strategy")
     ap.add_argument("--rounding", default="release", choices=ROUNDINGS,
                     help="see grok1.model.Grok1 (fast: int8 weights unrounded)")  # fmt: skip
@@ -656,6 +667,8 @@ def run(args, ap, between=None, extra: dict | None = None, resolved=None) -> dic
         "rounding": args.rounding,
         "decode_tokens": args.decode_tokens,
         "context": args.context,
+        "mesh": args.mesh,
+        "cpu_kernels": args.cpu_kernels,
         **(extra or {}),
     }
     if args.layers:
@@ -665,9 +678,18 @@ def run(args, ap, between=None, extra: dict | None = None, resolved=None) -> dic
             print(f"{row['layers']:>6} {row['compile_decode_s']:>17.2f} "
                   f"{row['compile_prefill_s']:>18.2f}")  # fmt: skip
     else:
-        numerics = Numerics.choose(args.dtype, args.rounding)
-        grok = Grok1(config, WeightFormats.release(config), numerics, moe_strategy=args.moe)
-        params = jax.jit(grok.init)(jax.random.PRNGKey(args.seed))
+        mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+        kernels = {"auto": None, "on": True, "off": False}[args.cpu_kernels]
+        numerics = Numerics.choose(args.dtype, args.rounding, kernels, mesh=mesh)
+        formats = WeightFormats.release(config)
+        grok = Grok1(config, formats, numerics, moe_strategy=args.moe, mesh=mesh)
+        placed = None
+        if mesh is not None:  # every leaf where `grok1.load` places it
+            table = sharding.table_shardings(param_table(config, formats), config, mesh)
+            placed = {}
+            for (module, leaf), where in table.items():
+                placed.setdefault(module, {})[leaf] = where
+        params = jax.jit(grok.init, out_shardings=placed)(jax.random.PRNGKey(args.seed))
         jax.block_until_ready(params)
         probe = BandwidthProbe(sizing["weights_bytes"], machine["threads"] or 1)
         report["bandwidth_method"] = probe.method()

@@ -324,8 +324,7 @@ def load(
       cpu_kernels: compute every product and row reduction in the native CPU kernels, so that a
         request's numbers depend on its own tokens only (`grok1.numerics`; on a mesh, each device
         runs them on its shards): None (default) wherever they can run (the CPU, a C++ compiler
-        present, not with expert_parallel), False never, True insists (an error where they
-        cannot run).
+        present), False never, True insists (an error where they cannot run).
       progress: True for a "GB done, GB/s, ETA" line on a terminal, or a callable taking the
         bytes of each finished read.
     """
@@ -343,11 +342,7 @@ def load(
     params, formats = loader.load_params(
         path, config, dtype=dtype, mesh=mesh, rules=rules, progress=progress or None
     )
-    if cpu_kernels and expert_parallel:
-        raise ValueError("cpu_kernels=True needs each expert split over the mesh; "
-                         "expert_parallel=True keeps experts whole")  # fmt: skip
-    kernels = False if expert_parallel else cpu_kernels
-    numerics = Numerics.choose(dtype, rounding, kernels, mesh=mesh)
+    numerics = Numerics.choose(dtype, rounding, cpu_kernels, mesh=mesh)
     grok = Grok1(
         config, formats, numerics, moe_strategy=moe_strategy,
         expert_mesh=mesh if expert_parallel else None, mesh=mesh,

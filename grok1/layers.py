@@ -22,8 +22,8 @@ BF16 = jnp.bfloat16
 
 
 def per_row(kernel, x: jax.Array, numerics: Numerics, *whole: jax.Array) -> jax.Array:
-    """`kernel(x, *whole)`, a kernel of x [..., N]'s rows, on every device's rows where the
-    model's kernels run on a mesh (`grok1.kernels.sharded`)."""
+    """`kernel(x, *whole)`, a kernel of x [..., N]'s rows; where the model's kernels run on a
+    mesh, every device runs it on all the rows (`grok1.kernels.sharded.each_row`)."""
     if numerics.mesh is None:
         return kernel(x, *whole)
     return sharded.each_row(kernel, x, numerics.mesh, *whole)

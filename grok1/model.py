@@ -287,11 +287,6 @@ class Grok1:
             raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got "
                              f"{self.moe_strategy!r}")  # fmt: skip
         several = self.mesh is not None and self.mesh.devices.size > 1
-        if self.numerics.kernels and self.expert_mesh is not None:
-            raise ValueError(
-                "the native kernels need each expert split over the mesh, not "
-                "whole experts (expert parallelism); use Numerics(kernels=False)"
-            )
         if self.numerics.kernels and self.numerics.mesh is not (self.mesh if several else None):
             raise ValueError(
                 "with the native kernels, Numerics.mesh must be the model's mesh "
@@ -312,11 +307,13 @@ class Grok1:
 
     def _kernel_specs(self) -> dict:
         """Where the kernels run on a mesh (`Numerics.mesh`): {matrix name: the PartitionSpec of
-        its "w"}, and "embeddings": the table's, as `grok1.sharding.RULES` place them; else {}."""
+        its "w"}, and "embeddings": the table's, as the loader places them (`grok1.sharding`'s
+        rules); else {}."""
         if self.numerics.mesh is None:
             return {}
+        rules = sharding.EXPERT_PARALLEL_RULES if self.expert_mesh else sharding.RULES
         placed = sharding.table_shardings(
-            param_table(self.config, self.formats), self.config, self.numerics.mesh
+            param_table(self.config, self.formats), self.config, self.numerics.mesh, rules
         )
         specs = {name: placed[(matrix_module(name), "w")].spec for name in MATRICES}
         specs["embeddings"] = placed[("grok1/embed", "embeddings")].spec

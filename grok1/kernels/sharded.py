@@ -6,9 +6,10 @@ kernel on the shard it holds. Elementwise work, the cache writes and the moves b
 stay XLA's, and none of them changes a value.
 
 Batch invariance (`grok1.numerics`) then holds within a mesh:
-  * Rows (tokens, or (token, expert slot) pairs) are split over "data" when their number
-    divides, else each data shard computes all of them: a kernel computes a row the same way in
-    any company, so either gives the same bits.
+  * A product's rows (tokens, or (token, expert slot) pairs) are split over "data" when their
+    number divides, else each data shard computes all of them; row-wise kernels (norms,
+    softmaxes) run whole on every device. A kernel computes a row the same way in any company,
+    so each of these gives the same bits.
   * A product whose contracting axis is split over "model" (the attention output and the
     experts' down projection) gives each device a float32 partial sum. The partials are
     gathered and added in device order (`sum_in_device_order`), not all-reduced: an
@@ -31,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 
 def rows_axis(mesh: Mesh, rows: int) -> str | None:
-    """ "data" where it splits `rows` rows evenly, else None (every data shard has them all)."""
+    """The axis that splits `rows` rows: "data" where it splits them evenly, else None (every
+    data shard has them all)."""
     data = mesh.shape["data"]
     return "data" if data > 1 and rows % data == 0 else None
 
@@ -49,6 +51,14 @@ def sum_in_device_order(x: jax.Array, axis: str = "model") -> jax.Array:
     for i in range(1, parts.shape[0]):
         total = total + parts[i]
     return total
+
+
+def _from_owner(out: jax.Array, owner: jax.Array, axis: str) -> jax.Array:
+    """Row b of `out` [B, ...] as the device `owner[b]` of `axis` computed it (every device
+    computed every row; only the owner's is right), on every device. Exact."""
+    parts = jax.lax.all_gather(out, axis)  # [devices, B, ...]
+    owner = jnp.clip(owner, 0, parts.shape[0] - 1)
+    return parts[owner, jnp.arange(out.shape[0])]
 
 
 def each_row(kernel: Callable, x: jax.Array, mesh: Mesh, *whole: jax.Array) -> jax.Array:
@@ -80,14 +90,16 @@ def matmul(
 
     Out split over "model": each device computes its columns. In split over "model": each
     device multiplies its slice of x by its rows of W (with their scale groups) and the partial
-    sums are added in device order.
+    sums are added in device order. The matrices themselves split (experts under expert
+    parallelism): see `_whole_matrices`.
     """
     ndim = w.ndim
     lead = [_axis(w_spec, ndim, d) for d in range(ndim - 2)]
-    if any(lead):
-        raise ValueError(f"the kernels need each matrix whole over its leading axes on a mesh; "
-                         f"these weights are placed as {w_spec}")  # fmt: skip
     a_in, a_out = _axis(w_spec, ndim, -2), _axis(w_spec, ndim, -1)
+    a_whole = lead[-1] if lead else None  # whole matrices split over devices (experts)
+    if any(lead[:-1]) or (a_whole and (a_in or a_out)):
+        raise ValueError(f"the kernels take matrices split along one axis on a mesh; these "
+                         f"weights are placed as {w_spec}")  # fmt: skip
     rows = rows_axis(mesh, x.shape[0])
     split = mesh.shape[a_in] if a_in else 1
     if scales is not None and a_in:
@@ -95,6 +107,8 @@ def matmul(
         if groups % split and split % groups:
             raise ValueError(f"{groups} scale groups do not align with the {split} devices that "
                              f"split the weights' input dimension {w.shape[-2]}")  # fmt: skip
+    if a_whole:
+        return _whole_matrices(product, x, w, scales, sel, mesh, w_spec, rows, a_whole)
 
     def local(x, w, sel, *scales):
         if scales and a_in:  # this device's rows of W: its own scale groups
@@ -110,6 +124,29 @@ def matmul(
         args.append(scales)
         in_specs.append(P(*([None] * (scales.ndim - 1)), a_out))
     return island(local, mesh, tuple(in_specs), P(rows, a_out))(*args)
+
+
+def _whole_matrices(product, x, w, scales, sel, mesh, w_spec, rows, axis):
+    """`matmul` where the matrices themselves are split over `axis` (w [..., M, In, Out], M
+    split): each device multiplies the rows that select one of its matrices (the others are
+    zero rows, which the kernels skip), and each row is taken from the device that holds its
+    matrix."""
+    per_lead = w.shape[-3]  # matrices per index of the axes before (the layers)
+
+    def local(x, w, sel, *scales):
+        held = w.shape[-3]
+        first = jax.lax.axis_index(axis) * held
+        lead, index = sel // per_lead, sel % per_lead
+        mine = (index >= first) & (index < first + held)
+        local_sel = jnp.where(mine, lead * held + index - first, -1)
+        out = product(x, w, scales[0] if scales else None, local_sel)
+        return _from_owner(out, index // held, axis)
+
+    args, in_specs = [x, w, sel], [P(rows), w_spec, P(rows)]
+    if scales is not None:
+        args.append(scales)
+        in_specs.append(P(*([None] * (scales.ndim - 3)), axis))
+    return island(local, mesh, tuple(in_specs), P(rows))(*args)
 
 
 def dot_rows(kernel: Callable, x: jax.Array, table: jax.Array, mesh: Mesh, table_spec: P):
@@ -140,9 +177,8 @@ def over_cache(
         held = k_cache.shape[1]
         first = jax.lax.axis_index(a_rows) * held
         mine = jnp.clip(rows - first, 0, held - 1)
-        out = jax.lax.all_gather(attend(q, mask, k_cache, v_cache, layer, mine), a_rows)
-        owner = jnp.clip(rows // held, 0, out.shape[0] - 1)  # [B]
-        return out[owner, jnp.arange(rows.shape[0])]
+        out = attend(q, mask, k_cache, v_cache, layer, mine)
+        return _from_owner(out, rows // held, a_rows)
 
     in_specs = (P(None, a_kv), P(), cache_spec, cache_spec, P(), P())
     return island(local, mesh, in_specs, P(None, a_kv))(q, mask, k_cache, v_cache, layer, rows)
