@@ -34,9 +34,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.cache
-def model(name: str, dtype: str, max_bucket: int = 1024, mesh: str | None = None) -> grok1.Model:
+def model(
+    name: str, dtype: str, max_bucket: int = 1024, mesh: str | None = None, ep: bool = False
+) -> grok1.Model:
     m = grok1.load(MODELS[name], dtype=dtype, max_bucket=max_bucket, mesh=mesh,
-                   compilation_cache=None)  # fmt: skip
+                   expert_parallel=ep, compilation_cache=None)  # fmt: skip
     assert m.grok.numerics.kernels, "the kernels are the default wherever they can run"
     return m
 
@@ -63,13 +65,13 @@ CASES = [(name, dtype) for name in MODELS for dtype in ("bfloat16", "float32")]
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype, mesh=None):
-    m = model(name, dtype, mesh=mesh)
+def test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype, mesh=None, ep=False):
+    m = model(name, dtype, mesh=mesh, ep=ep)
     seqs = sequences(name, 8)
     alone = [m.score([s])[0] for s in seqs[:3]]
     in_two = m.score([seqs[1], seqs[0]])
     in_eight = m.score(seqs)
-    chunked = model(name, dtype, max_bucket=16, mesh=mesh).score(seqs[:3])
+    chunked = model(name, dtype, max_bucket=16, mesh=mesh, ep=ep).score(seqs[:3])
     for i in range(3):
         np.testing.assert_array_equal(in_eight[i], alone[i])
         np.testing.assert_array_equal(chunked[i], alone[i])
@@ -78,15 +80,15 @@ def test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype, mesh=None):
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype, mesh=None):
-    m = model(name, dtype, mesh=mesh)
+def test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype, mesh=None, ep=False):
+    m = model(name, dtype, mesh=mesh, ep=ep)
     seqs = sequences(name, 4, seed=1)
     width = max(map(len, seqs))
     batch = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
         batch[i, : len(s)] = s
     together = m.logits(batch, [len(s) for s in seqs])
-    chunked = model(name, dtype, max_bucket=16, mesh=mesh)
+    chunked = model(name, dtype, max_bucket=16, mesh=mesh, ep=ep)
     for i, s in enumerate(seqs):
         alone = m.logits(np.array([s]))[0]
         np.testing.assert_array_equal(together[i, : len(s)], alone)
@@ -97,8 +99,8 @@ def test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype, mesh=No
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-def test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype, mesh=None):
-    m = model(name, dtype, mesh=mesh)
+def test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype, mesh=None, ep=False):
+    m = model(name, dtype, mesh=mesh, ep=ep)
     seqs = sequences(name, 8, seed=2)
     kw = dict(ignore_eos=True, return_results=True, logprobs=2)
     sampled = dict(temperature=0.9, top_p=0.9, top_k=50, seed=[11 * i for i in range(8)])
@@ -119,25 +121,34 @@ def test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype, mesh
         assert two == [alone[2], alone[0]]
         one_slot = run(m, seqs[:3], None if seeds is None else seeds[:3], max_batch=1)
         assert one_slot == alone
-        chunked = run(model(name, dtype, max_bucket=16, mesh=mesh), seqs[:3],
+        chunked = run(model(name, dtype, max_bucket=16, mesh=mesh, ep=ep), seqs[:3],
                       None if seeds is None else seeds[:3])  # fmt: skip
         assert chunked == alone
 
 
-# The same three tests within a mesh, in one subprocess per mesh (simulated devices), the two
-# at once: compiling (single-threaded) is half their time. Each mesh runs one model in one dtype
-# (together they cover both models and both dtypes), compiled without LLVM's optimisations
+# The same three tests within a mesh, in one subprocess per mesh (simulated devices), all at
+# once: compiling (single-threaded) is half their time. Each mesh runs one model in one dtype
+# (together they cover both models and both dtypes; expert parallelism's placement is checked
+# on scores and logits: generation adds no kernel call), compiled without LLVM's optimisations
 # (which would change summation order in XLA's own code the same way at every batch).
 MESH_SCRIPT = """
 import sys
 from tests import test_invariance as t
-mesh, name, dtype = sys.argv[1:]
-t.test_scores_do_not_depend_on_the_batch_or_the_chunk(name, dtype, mesh)
-t.test_logits_equal_scores_and_do_not_depend_on_the_batch(name, dtype, mesh)
-t.test_generation_does_not_depend_on_the_batch_slot_or_chunk(name, dtype, mesh)
+mesh, name, dtype, ep, *checks = sys.argv[1:]
+for check in checks:
+    getattr(t, check)(name, dtype, mesh, ep == "expert_parallel")
 print("invariant", flush=True)
 """
-MESH_CASES = (("data=1,model=8", "demo", "bfloat16"), ("data=2,model=4", "case2", "float32"))
+ALL = (
+    "test_scores_do_not_depend_on_the_batch_or_the_chunk",
+    "test_logits_equal_scores_and_do_not_depend_on_the_batch",
+    "test_generation_does_not_depend_on_the_batch_slot_or_chunk",
+)
+MESH_CASES = (  # mesh, model, dtype, placement, checks
+    ("data=1,model=8", "demo", "bfloat16", "-", *ALL),
+    ("data=2,model=4", "case2", "float32", "-", *ALL),
+    ("data=1,model=8", "case2", "bfloat16", "expert_parallel", *ALL[:2]),
+)
 
 
 @pytest.mark.slow
