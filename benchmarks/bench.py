@@ -306,10 +306,13 @@ def count_touched_experts(grok, params, prompts, steps, args) -> dict:
     """
     records = []
     original = moe.route
+    # JAX orders callbacks on one device only; on a mesh the per-decision counts stand, and
+    # "changed" compares decisions in the order they arrived
+    ordered = grok.mesh is None
 
     def recording_route(*args, **kwargs):
         gates, idx = original(*args, **kwargs)
-        jax.debug.callback(lambda i: records.append(np.asarray(i)), idx, ordered=True)
+        jax.debug.callback(lambda i: records.append(np.asarray(i)), idx, ordered=ordered)
         return gates, idx
 
     moe.route = recording_route
