@@ -238,7 +238,8 @@ class Grok1:
       formats: storage of each matrix (int8 with Gs groups, or float32).
       numerics: the activation dtype, the rounding (below), the backend and whether the native
         CPU kernels compute every product and row reduction (`grok1.numerics`; with them a
-        request's numbers depend on its own tokens only). Kernels need the model on one device.
+        request's numbers depend on its own tokens only). On a mesh of several devices, its
+        `mesh` is the model's: each device runs the kernels on its shards.
       moe_strategy: "auto", "gather", "dense" or "grouped" (see `grok1.moe`).
       expert_mesh: None (experts as the parameters' shardings place them), or the mesh whose
         "model" axis splits the experts whole (expert parallelism, `grok1.moe.experts_parallel`;
@@ -287,7 +288,7 @@ class Grok1:
             raise ValueError(f"moe_strategy must be one of {STRATEGIES}, got "
                              f"{self.moe_strategy!r}")  # fmt: skip
         several = self.mesh is not None and self.mesh.devices.size > 1
-        if self.numerics.kernels and self.numerics.mesh is not (self.mesh if several else None):
+        if self.numerics.kernels and self.numerics.mesh != (self.mesh if several else None):
             raise ValueError(
                 "with the native kernels, Numerics.mesh must be the model's mesh "
                 "of several devices (Numerics.choose(..., mesh=mesh))"
