@@ -412,8 +412,8 @@ class Engine:
         compiles a variant that traffic never calls. On a mesh: replicated over it (the cache,
         placed by its own sharding, is committed already). There JAX also keys programs by how
         a sharding is spelled, and the programs' outputs spell some shardings differently from
-        any placement (`P()` or `P(None,)`), so a few programs still compile again at first use
-        (1x8: one; 2x4: three)."""
+        any placement (`P()` or `P(None,)`), so a few programs may still compile again at first
+        use (docs/design.md, Engine)."""
         if self.grok.mesh is not None:
             return jax.device_put(tree, NamedSharding(self.grok.mesh, PartitionSpec()))
         (device,) = jax.tree.leaves(self.params)[0].devices()
