@@ -410,10 +410,8 @@ class Engine:
         a program separately for committed and uncommitted arguments, so the slot state the
         programs first receive must already look like what they return: otherwise the warm-up
         compiles a variant that traffic never calls. On a mesh: replicated over it (the cache,
-        placed by its own sharding, is committed already). There JAX also keys programs by how
-        a sharding is spelled, and the programs' outputs spell some shardings differently from
-        any placement (`P()` or `P(None,)`), so a few programs may still compile again at first
-        use (docs/design.md, Engine)."""
+        placed by its own sharding, is committed already), spelled as the steps return it
+        (`grok1.steps.Steps`)."""
         if self.grok.mesh is not None:
             return jax.device_put(tree, NamedSharding(self.grok.mesh, PartitionSpec()))
         (device,) = jax.tree.leaves(self.params)[0].devices()

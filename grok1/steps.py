@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from grok1 import layers, sampling
 from grok1.cache import KVCache
@@ -100,18 +101,26 @@ class Steps:
     def __init__(self, grok: Grok1):
         self.grok = grok
         self.vocab = grok.config.vocab_size
+        # On a mesh the slot state (decode state, sampling parameters, first tokens, decode
+        # output) leaves every program replicated and spelled one way (`P()`): JAX keys a
+        # program by how its arguments' shardings are spelled, and the partitioner's own choice
+        # of spelling differs between programs, so traffic would compile programs again that
+        # the engine's warm-up compiled with the other spelling.
+        whole = None if grok.mesh is None else NamedSharding(grok.mesh, PartitionSpec())
+        replicated = {} if whole is None else {"out_shardings": whole}
         self.prefill = jax.jit(
             self._prefill, static_argnames=("kv_len", "top_k", "scores"), donate_argnames="cache"
         )
         self.logits = jax.jit(self._logits, static_argnames="kv_len", donate_argnames="cache")
-        self.first_tokens = jax.jit(self._first_tokens, static_argnames="top_k")
+        self.first_tokens = jax.jit(self._first_tokens, static_argnames="top_k", **replicated)
         self.decode = jax.jit(
             self._decode,
             static_argnames=("kv_len", "n_steps", "top_k"),
             donate_argnames=("cache", "state"),
+            **({} if whole is None else {"out_shardings": (None, whole, whole)}),
         )
-        self.admit = jax.jit(self._admit, donate_argnames=("state", "sp"))
-        self.deactivate = jax.jit(self._deactivate, donate_argnames="state")
+        self.admit = jax.jit(self._admit, donate_argnames=("state", "sp"), **replicated)
+        self.deactivate = jax.jit(self._deactivate, donate_argnames="state", **replicated)
 
     # -- a chunk of tokens ------------------------------------------------------------------------
     def _forward(self, params, cache: KVCache, slots, starts, tokens, n_new, kv_len, table, last):

@@ -5,6 +5,9 @@ cancellation."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +21,7 @@ from grok1.tokenizer import StreamDecoder
 from tests.conftest import case_file, case_path, golden_model, prompts_of
 
 CASE = "case2_batch3_robust"  # 3 prompts of different lengths
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def greedy(case=CASE):
@@ -268,24 +272,22 @@ def test_queue_full_and_closed_engine():
         engine.submit(Request(prompt, 2))
 
 
-def test_warmup_compiles_every_program_that_traffic_then_uses():
-    """After `warmup`, requests alone and together (mixed prompt lengths, greedy and seeded,
-    stop ids, a cancellation) lower no new program: JAX compiles separately for committed and
-    uncommitted arguments and for other keyword arguments, so the warm-up must call each program
-    exactly as traffic does. (Prompt log-probabilities use their own prefill programs, compiled
-    at first use.)"""
+def programs_lowered_after_warmup(model) -> list[str]:
+    """The programs JAX lowers for requests alone and together (mixed prompt lengths, greedy and
+    seeded, stop ids, a cancellation) after the engine's `warmup`."""
     from jax import monitoring
 
-    model = golden_model(CASE)
-    engine = Engine(model.grok, model.params, max_slots=4, horizon=4)
+    mesh = model.grok.mesh
+    data = 1 if mesh is None else mesh.shape["data"]
+    engine = Engine(model.grok, model.params, max_slots=4, horizon=4, slot_multiple=data)
     prompts = [tuple(p) for p in prompts_of(CASE)]
     longest = max(map(len, prompts)) + 16
     engine.warmup(prompt_len=longest, max_len=longest + 12)
     lowered = []
 
-    def count(event, _secs, **_):
+    def count(event, _secs, fun_name="?", **_):
         if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            lowered.append(event)
+            lowered.append(fun_name)
 
     monitoring.register_event_duration_secs_listener(count)
     try:
@@ -302,4 +304,32 @@ def test_warmup_compiles_every_program_that_traffic_then_uses():
     finally:
         monitoring.unregister_event_duration_listener(count)
         engine.close()
-    assert lowered == []
+    return lowered
+
+
+def test_warmup_compiles_every_program_that_traffic_then_uses():
+    """After `warmup`, traffic lowers no new program: JAX compiles separately for committed and
+    uncommitted arguments and for other keyword arguments, so the warm-up must call each program
+    exactly as traffic does. (Prompt log-probabilities use their own prefill programs, compiled
+    at first use.)"""
+    assert programs_lowered_after_warmup(golden_model(CASE)) == []
+
+
+MESH_WARMUP = """
+import grok1
+from tests.conftest import case_path
+from tests.test_engine import CASE, programs_lowered_after_warmup
+print(programs_lowered_after_warmup(grok1.load(case_path(CASE), mesh="data=2,model=4")))
+"""
+
+
+@pytest.mark.slow
+def test_warmup_compiles_every_program_that_traffic_then_uses_on_a_mesh():
+    """The same on 8 simulated devices (data=2, model=4): there JAX also keys a program by how
+    its arguments' shardings are spelled, which the steps' outputs fix (`grok1.steps.Steps`)."""
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", MESH_WARMUP], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
