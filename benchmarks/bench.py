@@ -73,7 +73,7 @@ from grok1.config import ModelConfig  # noqa: E402
 from grok1.engine import Engine, bucket  # noqa: E402
 from grok1.model import ATTN_MATRICES, MOE, ROUNDINGS, Grok1, WeightFormats, param_table  # noqa: E402
 from grok1.numerics import Numerics  # noqa: E402
-from grok1.plan import abstract_table  # noqa: E402
+from grok1.plan import abstract_params, abstract_table  # noqa: E402
 from grok1.steps import DecodeState  # noqa: E402
 
 GiB = 1 << 30
@@ -688,10 +688,8 @@ def run(args, ap, between=None, extra: dict | None = None, resolved=None) -> dic
         grok = Grok1(config, formats, numerics, moe_strategy=args.moe, mesh=mesh)
         placed = None
         if mesh is not None:  # every leaf where `grok1.load` places it
-            table = sharding.table_shardings(param_table(config, formats), config, mesh)
-            placed = {}
-            for (module, leaf), where in table.items():
-                placed.setdefault(module, {})[leaf] = where
+            shapes = abstract_params(config, formats, mesh)
+            placed = jax.tree.map(lambda s: s.sharding, shapes)
         params = jax.jit(grok.init, out_shardings=placed)(jax.random.PRNGKey(args.seed))
         jax.block_until_ready(params)
         probe = BandwidthProbe(sizing["weights_bytes"], machine["threads"] or 1)

@@ -472,6 +472,8 @@ class Engine:
         if kv_len is None:
             longest = int(to_host(cache.lengths).max())
             kv_len = bucket(min(longest + n_steps, self.capacity), self.capacity)
+        if self.grok.mesh is not None:  # placed as the program returns them (donated)
+            state, sp = self._committed((state, sp))
         return self.steps.decode(
             self.params, cache, state, sp, jnp.bool_(stop_early), kv_len=kv_len,
             n_steps=n_steps, top_k=top_k, table=self.table,

@@ -108,6 +108,11 @@ class Steps:
         # the engine's warm-up compiled with the other spelling.
         whole = None if grok.mesh is None else NamedSharding(grok.mesh, PartitionSpec())
         replicated = {} if whole is None else {"out_shardings": whole}
+        decoded = {}  # the cache returned where it was placed (also what donation needs)
+        if grok.mesh is not None:
+            data = grok.mesh.shape["data"]  # a cache's placement does not depend on its size
+            cache = KVCache.shapes(grok.config, data, 1, grok.compute_dtype, grok.mesh)
+            decoded["out_shardings"] = (jax.tree.map(lambda s: s.sharding, cache), whole, whole)
         self.prefill = jax.jit(
             self._prefill, static_argnames=("kv_len", "top_k", "scores"), donate_argnames="cache"
         )
@@ -117,7 +122,7 @@ class Steps:
             self._decode,
             static_argnames=("kv_len", "n_steps", "top_k"),
             donate_argnames=("cache", "state"),
-            **({} if whole is None else {"out_shardings": (None, whole, whole)}),
+            **decoded,
         )
         self.admit = jax.jit(self._admit, donate_argnames=("state", "sp"), **replicated)
         self.deactivate = jax.jit(self._deactivate, donate_argnames="state", **replicated)
