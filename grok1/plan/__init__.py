@@ -150,6 +150,8 @@ def dry_run(
         )
     mesh = sharding.make_mesh(mesh_shape)
     sharding.check_mesh(config, mesh, expert_parallel)
+    # a mesh's plan is for accelerators, which run XLA's own products (the CPU kernels would
+    # leave out their temporaries); one device's is for a CPU host, which runs the kernels
     one_device = mesh.devices.size == 1 and not expert_parallel
     numerics = Numerics.choose(dtype, kernels=None if one_device else False)
     grok = Grok1(
