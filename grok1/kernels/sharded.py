@@ -17,6 +17,8 @@ Batch invariance (`grok1.numerics`) then holds within a mesh:
     buffer (a ring cuts it into one piece per device), that is on the batch.
   * Attention reads the cache rows of its own data shard; each request's result is taken from
     the shard that holds its cache row.
+  * Under expert parallelism (whole experts split over "model") each device multiplies the rows
+    routed to its own experts, and each row is taken from the device holding its expert.
 Different meshes still add in different orders (a partial sum per device), so their numbers
 differ in the last bits; a given mesh gives a request the same bits whatever the batch.
 """
