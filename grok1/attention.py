@@ -12,8 +12,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok1 import kernels, layers, sharding
-from grok1.cache import CACHE_AXES
+from grok1 import kernels, layers
+from grok1.cache import KVCache
 from grok1.config import ModelConfig
 from grok1.kernels import sharded
 from grok1.numerics import Numerics
@@ -88,8 +88,8 @@ class CachedLayer:
         if self.mesh is None:
             o = attend(*args)
         else:
-            table = {"k": (self.k_cache.shape, self.k_cache.dtype, CACHE_AXES)}
-            spec = sharding.table_shardings(table, config, self.mesh)["k"].spec
+            dtype = q.dtype  # the activation dtype, which the cache stores
+            spec = KVCache.shardings(config, dtype, self.mesh).k.spec
             o = sharded.over_cache(attend, *args, self.mesh, spec)
         if rounded:
             o = o.astype(jnp.bfloat16)

@@ -52,6 +52,13 @@ class KVCache:
         return cls(**leaves)
 
     @classmethod
+    def shardings(cls, config: ModelConfig, dtype, mesh) -> KVCache:
+        """Each leaf's sharding on `mesh`, which does not depend on the cache's size (any batch
+        that the mesh's "data" axis divides)."""
+        shapes = cls.shapes(config, mesh.shape["data"], 1, dtype, mesh)
+        return jax.tree.map(lambda s: s.sharding, shapes)
+
+    @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int, dtype, mesh=None) -> KVCache:
         """An empty cache, placed on `mesh` as `shapes` says (None: the default device)."""
 

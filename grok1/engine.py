@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from grok1 import sampling
 from grok1.cache import KVCache
@@ -409,11 +408,11 @@ class Engine:
         """`tree` committed to the model's device, as every program's outputs are. JAX compiles
         a program separately for committed and uncommitted arguments, so the slot state the
         programs first receive must already look like what they return: otherwise the warm-up
-        compiles a variant that traffic never calls. On a mesh: replicated over it (the cache,
-        placed by its own sharding, is committed already), spelled as the steps return it
-        (`grok1.steps.Steps`)."""
-        if self.grok.mesh is not None:
-            return jax.device_put(tree, NamedSharding(self.grok.mesh, PartitionSpec()))
+        compiles a variant that traffic never calls. On a mesh: replicated over it, spelled as
+        the steps return it (`Steps.slot_sharding`; the cache, placed by its own sharding, is
+        committed already)."""
+        if self.steps.slot_sharding is not None:
+            return jax.device_put(tree, self.steps.slot_sharding)
         (device,) = jax.tree.leaves(self.params)[0].devices()
         return jax.device_put(tree, device)
 

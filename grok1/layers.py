@@ -267,13 +267,13 @@ class Stacked:
         [L, ...] axes of the stack.
       layer: this layer's index (a traced scalar).
       numerics: the model's (`Numerics.mesh`: the kernels run on a mesh).
-      specs: on a mesh, {matrix name: the PartitionSpec of its "w"}.
+      specs: on a mesh, {matrix name: the PartitionSpec of its "w"} (else empty).
     """
 
     leaves: dict
     layer: jax.Array
     numerics: Numerics
-    specs: dict | None = None
+    specs: dict = dataclasses.field(default_factory=dict)
 
     def layer_params(self, name: str) -> dict:
         """This layer's raw leaves of one matrix (a slice read inside the fusions that use it)."""
@@ -295,7 +295,7 @@ class Stacked:
             rounded = (weight_dtype != F32) if rounded is None else rounded
         else:
             rounded = _rounds(weight_dtype, rounded)
-        spec = (self.specs or {}).get(name)
+        spec = self.specs.get(name)
         y = kernel_product(x, w, leaves.get("scales"), sel, rounded, self.numerics, spec)
         return y.astype(out_dtype)
 

@@ -353,7 +353,7 @@ class Grok1:
         if self.rounding == "strict":  # under "release" the first RMSNorm reads it unrounded
             h = layers.round_to(h, dtype).astype(dtype)
         num = self.numerics
-        specs = self._kernel_specs() if stacked is not None else None
+        specs = self._kernel_specs()
 
         def body(carry, layer_idx):
             h, kv = carry
@@ -370,7 +370,7 @@ class Grok1:
         if out_index is not None:  # [B, P]: only these positions reach the unembedding
             h = jnp.take_along_axis(h, out_index[:, :, None], axis=1)
         h = RMSNorm(c.norm_eps, num, name="final_norm")(h, dtype)
-        logits = _unembed(h, embed, num, self._kernel_specs().get("embeddings"))
+        logits = _unembed(h, embed, num, specs.get("embeddings"))
         c_out = layers.compute_constant(c.output_multiplier_scale, dtype)
         # rounded explicitly, so that a consumer inside the same program (the engine's sampler)
         # sees bf16(logits * c_out) too and not XLA's unrounded float32 product

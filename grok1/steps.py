@@ -105,14 +105,15 @@ class Steps:
         # output) leaves every program replicated and spelled one way (`P()`): JAX keys a
         # program by how its arguments' shardings are spelled, and the partitioner's own choice
         # of spelling differs between programs, so traffic would compile programs again that
-        # the engine's warm-up compiled with the other spelling.
+        # the engine's warm-up compiled with the other spelling. `slot_sharding` (None off a
+        # mesh) is that placement, for the engine's own slot state too.
         whole = None if grok.mesh is None else NamedSharding(grok.mesh, PartitionSpec())
+        self.slot_sharding = whole
         replicated = {} if whole is None else {"out_shardings": whole}
         decoded = {}  # the cache returned where it was placed (also what donation needs)
         if grok.mesh is not None:
-            data = grok.mesh.shape["data"]  # a cache's placement does not depend on its size
-            cache = KVCache.shapes(grok.config, data, 1, grok.compute_dtype, grok.mesh)
-            decoded["out_shardings"] = (jax.tree.map(lambda s: s.sharding, cache), whole, whole)
+            cache = KVCache.shardings(grok.config, grok.compute_dtype, grok.mesh)
+            decoded["out_shardings"] = (cache, whole, whole)
         self.prefill = jax.jit(
             self._prefill, static_argnames=("kv_len", "top_k", "scores"), donate_argnames="cache"
         )
