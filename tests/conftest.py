@@ -29,6 +29,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = sorted(d for d in os.listdir(GOLDEN_DIR) if os.path.isdir(os.path.join(GOLDEN_DIR, d)))
 
@@ -45,6 +46,15 @@ def case_file(case: str, name: str):
 def prompts_of(case: str) -> list[list[int]]:
     tokens, lengths = case_file(case, "tokens.npy"), case_file(case, "lengths.npy")
     return [tokens[b, : lengths[b]].tolist() for b in range(len(lengths))]
+
+
+def simulated_devices_env(devices: int) -> dict:
+    """The environment of a child process that sees `devices` simulated CPU devices and can
+    import `tests`. It compiles unoptimised machine code: such tests compare meshes within one
+    run, LLVM's optimisation level changes float32 summation order a little and compile time a
+    lot, and compiling is nearly all of their time."""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=flags)
 
 
 def random_index(rng, shape):

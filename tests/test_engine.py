@@ -5,7 +5,6 @@ cancellation."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import threading
@@ -18,10 +17,16 @@ import grok1
 from grok1.engine import Engine, EngineDead, QueueFull, Request, RequestError
 from grok1.sampling import SamplingParams
 from grok1.tokenizer import StreamDecoder
-from tests.conftest import case_file, case_path, golden_model, prompts_of
+from tests.conftest import (
+    REPO,
+    case_file,
+    case_path,
+    golden_model,
+    prompts_of,
+    simulated_devices_env,
+)
 
 CASE = "case2_batch3_robust"  # 3 prompts of different lengths
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def greedy(case=CASE):
@@ -327,8 +332,7 @@ print(programs_lowered_after_warmup(grok1.load(case_path(CASE), mesh="data=2,mod
 def test_warmup_compiles_every_program_that_traffic_then_uses_on_a_mesh():
     """The same on 8 simulated devices (data=2, model=4): there JAX also keys a program by how
     its arguments' shardings are spelled, which the steps' outputs fix (`grok1.steps.Steps`)."""
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=REPO)
+    env = simulated_devices_env(8)
     proc = subprocess.run([sys.executable, "-c", MESH_WARMUP], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -23,14 +23,13 @@ import grok1
 from grok1 import demo, kernels, layers
 from grok1.config import ModelConfig
 from grok1.tokenizer import Tokenizer
-from tests.conftest import case_path, prompts_of
+from tests.conftest import REPO, case_path, prompts_of, simulated_devices_env
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason=f"CPU kernels unavailable: {kernels.status()}"
 )
 
 MODELS = {"demo": demo.demo_path(), "case2": case_path("case2_batch3_robust")}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.cache
@@ -153,8 +152,7 @@ MESH_CASES = (  # mesh, model, dtype, placement, checks
 
 @pytest.mark.slow
 def test_invariance_within_a_mesh(tmp_path):
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=flags)
+    env = simulated_devices_env(8)
     procs = []
     for i, case in enumerate(MESH_CASES):
         log = open(tmp_path / f"{i}.log", "w+")  # closed below

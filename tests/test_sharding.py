@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,13 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import case_file, case_path, prompts_of
+from tests.conftest import case_file, case_path, prompts_of, simulated_devices_env
 
 CASE = "case3_release_layout_8dev"  # 48 query / 8 KV heads
-# These tests compare meshes with each other (and tokens with the release's greedy run), within
-# one process; LLVM's optimisation level changes float32 summation order a little and compile
-# time a lot, and compiles are nearly all of their time.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 SCRIPT = """
 import json, sys, numpy as np, grok1
 case, meshes = sys.argv[1], json.loads(sys.argv[2])
@@ -45,10 +40,9 @@ print(json.dumps(out))
 
 def run_script(devices: int, script: str, *args: str) -> dict:
     """Runs `script` on `devices` virtual CPU devices; returns the JSON of its last line."""
-    flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", script, *args], env=simulated_devices_env(devices),
+        capture_output=True, text=True,
         timeout=500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
